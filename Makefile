@@ -1,0 +1,34 @@
+# make demo: the whole chain on the embedded synthetic default, on CPU.   make test: lint + the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+DEMO := demo
+
+.PHONY: install demo test lint clean
+
+$(INSTALLED): requirements.txt training/requirements.txt test/requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	@# torch first and pinned: the local build, so that nothing later pulls a different one
+	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet --disable-pip-version-check -r test/requirements.txt
+	touch $@
+
+install: $(INSTALLED)
+
+demo: $(INSTALLED)
+	$(PY) -m training synth --output $(DEMO)/data
+	$(PY) -m training train --config training/configs/tiny-demo.yaml --data-root $(DEMO)/data --output $(DEMO)/run
+	$(PY) -m training export $(DEMO)/run --output model
+	$(PY) process.py --input test/input --output $(DEMO)/output --device cpu
+	@cat $(DEMO)/output/multiple-mitotic-figure-classification.json
+
+lint: $(INSTALLED)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: lint
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(DEMO) model/*.onnx model/*.onnx.data model/manifest.json

@@ -1,0 +1,216 @@
+"""MIDOG 2025 Track 2 container entry point: classify each mitotic figure of a stack as atypical or normal.
+
+Contract (Grand Challenge algorithm, one case per run):
+  input   INPUT_DIR/images/stacked-histopathology-roi-cropouts/<one file>.tif|.tiff (multi-page, 1..16 RGB pages
+          of 128x128) or, when no TIFF is there, one .mha holding [N, H, W, 3]
+  output  OUTPUT_DIR/multiple-mitotic-figure-classification.json: a list with one
+          {"class": "normal" | "atypical", "confidence": P(atypical) as a float} per page, in page order
+  model   the Grand Challenge model tarball at /opt/ml/model when it holds a manifest, else the model/ folder
+          baked next to this file; a manifest.json (schema in contracts.py) names the ONNX ensemble, its
+          sha256 and the decision threshold chosen on out-of-fold predictions.
+Exit 0 with the answer written, or non-zero with one line on stderr and no output file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageSequence, UnidentifiedImageError
+
+from contracts import (
+    ANSWER_FILENAME,
+    INPUT_INTERFACE,
+    MAX_PAGES,
+    ContractError,
+    ModelManifest,
+    build_answer,
+    validate_answer,
+)
+
+INPUT_DIR = Path("/input")
+OUTPUT_DIR = Path("/output")
+GC_MODEL_DIR = Path("/opt/ml/model")
+BAKED_MODEL_DIR = Path(__file__).resolve().parent / "model"
+STACK_SUBDIR = Path("images") / INPUT_INTERFACE
+TIFF_SUFFIXES = (".tif", ".tiff")
+MAX_PAGE_PIXELS = 4096 * 4096  # a page declaring more is a decompression bomb, not a 128 px crop-out
+
+log = logging.getLogger("process")
+
+
+class InputError(ValueError):
+    """The case's input cannot be read as a stack of RGB pages."""
+
+
+class DeviceError(RuntimeError):
+    """The requested execution provider is not active."""
+
+
+def find_stack(input_dir: Path) -> Path:
+    folder = input_dir / STACK_SUBDIR
+    if not folder.is_dir():
+        raise InputError(f"{folder}: no such folder")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    for suffixes in (TIFF_SUFFIXES, (".mha",)):
+        found = [p for p in files if p.suffix.lower() in suffixes]
+        if len(found) > 1:
+            raise InputError(f"{folder}: expected one stack, found {', '.join(p.name for p in found)}")
+        if found:
+            return found[0]
+    raise InputError(f"{folder}: no .tif, .tiff or .mha image")
+
+
+def read_tiff(path: Path) -> list[np.ndarray]:
+    Image.MAX_IMAGE_PIXELS = MAX_PAGE_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            return [np.asarray(page.convert("RGB")) for page in ImageSequence.Iterator(im)]
+
+
+def read_mha(path: Path) -> list[np.ndarray]:
+    import SimpleITK as sitk
+
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    if array.ndim == 3 and array.shape[-1] == 3:  # a single 2-D RGB page
+        array = array[None]
+    if array.ndim != 4 or array.shape[-1] != 3:
+        raise InputError(f"{path.name}: expected an RGB stack [N, H, W, 3], got shape {list(array.shape)}")
+    if array.dtype != np.uint8:
+        raise InputError(f"{path.name}: expected uint8 pixels, got {array.dtype}")
+    return list(array)
+
+
+def read_stack(path: Path) -> list[np.ndarray]:
+    """All pages, in file order, as RGB uint8 [H, W, 3]."""
+    if path.stat().st_size == 0:
+        raise InputError(f"{path.name}: empty file")
+    try:
+        pages = read_tiff(path) if path.suffix.lower() in TIFF_SUFFIXES else read_mha(path)
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise InputError(f"{path.name}: refused, declared size too large ({err})") from None
+    except (UnidentifiedImageError, OSError, RuntimeError, ValueError, SyntaxError, EOFError) as err:
+        raise InputError(f"{path.name}: unreadable image ({err.__class__.__name__}: {err})") from None
+    if not pages:
+        raise InputError(f"{path.name}: no pages")
+    if len(pages) > MAX_PAGES:
+        log.warning("%s: %d pages, more than the challenge's %d; answering all", path.name, len(pages), MAX_PAGES)
+    return pages
+
+
+def resolve_model_dir(explicit: Path | None) -> Path:
+    if explicit is not None:
+        return explicit
+    if (GC_MODEL_DIR / "manifest.json").is_file():
+        return GC_MODEL_DIR
+    return BAKED_MODEL_DIR
+
+
+class Ensemble:
+    """The exported ONNX ensemble in one ONNX Runtime session."""
+
+    def __init__(self, model_dir: Path, device: str, quiet: bool = True):
+        import onnxruntime as ort
+
+        self.manifest = ModelManifest.load(model_dir)
+        self.manifest.verify_files(model_dir)
+        if quiet:  # a CUDA library that fails to load is checked below; ORT's own report of it is a wall of text
+            ort.set_default_logger_severity(4)
+        available = ort.get_available_providers()
+        if device == "cuda" and "CUDAExecutionProvider" not in available:
+            raise DeviceError(f"--device cuda: this onnxruntime build has no CUDA provider (has {available})")
+        wants_cuda = device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in available)
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if wants_cuda else ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(model_dir / self.manifest.onnx_file), providers=providers)
+        # onnxruntime falls back to CPU without raising when CUDA cannot load: check what is really active
+        self.provider = self.session.get_providers()[0]
+        if device == "cuda" and self.provider != "CUDAExecutionProvider":
+            raise DeviceError(
+                "--device cuda: the CUDA provider did not load (no GPU visible, or CUDA 12 / cuDNN 9 libraries "
+                "missing); --debug shows onnxruntime's report"
+            )
+        if wants_cuda and self.provider != "CUDAExecutionProvider":
+            log.warning("CUDA provider did not load; running on %s", self.provider)
+
+    def predict(self, pages: list[np.ndarray]) -> np.ndarray:
+        """P(atypical) per page, in page order; pages of one size go through as one batch."""
+        probs = np.empty(len(pages), dtype=np.float64)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, page in enumerate(pages):
+            by_shape.setdefault(page.shape, []).append(i)
+        for indices in by_shape.values():
+            batch = np.ascontiguousarray(np.stack([pages[i] for i in indices]))
+            (out,) = self.session.run([self.manifest.output_name], {self.manifest.input_name: batch})
+            probs[indices] = out.astype(np.float64)
+        return probs
+
+
+def write_json_atomically(obj, path: Path) -> None:
+    """Write next to the target, then rename: the output file is either complete or absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run(input_dir: Path, output_dir: Path, model_dir: Path, device: str, quiet: bool = True) -> list[dict]:
+    started = time.perf_counter()
+    stack = find_stack(input_dir)
+    pages = read_stack(stack)
+    log.info("read %s: %d page(s)", stack.name, len(pages))
+    ensemble = Ensemble(model_dir, device, quiet)
+    log.info("model %s (%s, %d folds, threshold %.4f) on %s", model_dir, ensemble.manifest.backbone,
+             ensemble.manifest.folds, ensemble.manifest.threshold, ensemble.provider)  # fmt: skip
+    probs = ensemble.predict(pages)
+    answer = build_answer(probs, ensemble.manifest.threshold)
+    validate_answer(answer, len(pages))
+    write_json_atomically(answer, output_dir / ANSWER_FILENAME)
+    log.info("wrote %s in %.2f s", output_dir / ANSWER_FILENAME, time.perf_counter() - started)
+    return answer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input", type=Path, default=INPUT_DIR, help=f"case folder (default {INPUT_DIR})")
+    parser.add_argument("--output", type=Path, default=OUTPUT_DIR, help=f"output folder (default {OUTPUT_DIR})")
+    parser.add_argument("--model", type=Path, help=f"model folder (default {GC_MODEL_DIR} if it has a manifest, "
+                        f"else {BAKED_MODEL_DIR.name}/ next to this file)")  # fmt: skip
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="cuda: fail unless the CUDA provider is active")  # fmt: skip
+    parser.add_argument("--debug", action="store_true", help="full tracebacks and onnxruntime's own log")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        run(args.input, args.output, resolve_model_dir(args.model), args.device, quiet=not args.debug)
+    except (InputError, ContractError, DeviceError) as err:
+        if args.debug:
+            raise
+        log.error("%s", err)
+        return 2
+    except Exception as err:  # one line, not a traceback wall; --debug shows the traceback
+        if args.debug:
+            raise
+        log.error("failed: %s: %s", err.__class__.__name__, err)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""``python -m training <command>``: synth | case | train | export."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("training")
+
+
+def _synth(args: argparse.Namespace) -> None:
+    from training.synthetic import write_midog25
+
+    write_midog25(args.output, n=args.n, seed=args.seed, n_slides=args.slides)
+
+
+def _case(args: argparse.Namespace) -> None:
+    from training.synthetic import synthetic_figures, write_case
+
+    pages, _ = synthetic_figures(args.pages, seed=args.seed, n_slides=2)
+    path = write_case(args.output, pages, name=args.name, fmt=args.format)
+    log.info("wrote a %d-page case to %s", args.pages, path)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from training.config import load_config
+    from training.train import train_run
+
+    cfg = load_config(args.config, {"epochs": args.epochs} if args.epochs else None)
+    train_run(cfg, args.data_root, args.output, folds=[args.fold] if args.fold is not None else None)
+
+
+def _export(args: argparse.Namespace) -> None:
+    from training.export import export_run
+
+    export_run(args.run_dir, args.output)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a synthetic dataset in the MIDOG25 layout")
+    p.add_argument("--output", type=Path, required=True)
+    p.add_argument("--n", type=int, default=600, help="number of figures")
+    p.add_argument("--slides", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_synth)
+
+    p = sub.add_parser("case", help="write a synthetic Grand Challenge input folder (inputs.json + stack)")
+    p.add_argument("--output", type=Path, required=True)
+    p.add_argument("--pages", type=int, default=16)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--name", default="stack")
+    p.add_argument("--format", choices=("tiff", "tif", "mha"), default="tiff")
+    p.set_defaults(func=_case)
+
+    p = sub.add_parser("train", help="train the folds of a config on a MIDOG25-layout folder")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--data-root", type=Path, required=True)
+    p.add_argument("--output", type=Path, required=True, help="run folder")
+    p.add_argument("--fold", type=int, help="train only this fold (folds as independent jobs)")
+    p.add_argument("--epochs", type=int, help="override the config's epochs")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("export", help="merge each fold's adapter and export one ONNX ensemble + manifest")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--output", type=Path, required=True, help="model folder")
+    p.set_defaults(func=_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # one line per deduplicated initializer otherwise
+    try:
+        args.func(args)
+    except (OSError, ValueError, RuntimeError) as err:
+        if args.verbose:
+            raise
+        print(f"python -m training {args.command}: {err}", file=sys.stderr)
+        return 1
+    return 0

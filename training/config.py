@@ -1,0 +1,56 @@
+"""Run configuration: one pydantic model, loaded from YAML, unknown keys rejected, saved resolved in the run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+# peft matches this against full module names: only the attention projections of the transformer blocks.
+# A bare "proj" would also catch patch_embed.proj, the patch-embedding convolution.
+ATTENTION_TARGETS = r"backbone\.blocks\.\d+\.attn\.(qkv|proj)"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraSettings(_Strict):
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    target_modules: str = ATTENTION_TARGETS
+
+
+class TrainConfig(_Strict):
+    name: str = "virchow-lora"
+    backbone: str = "virchow"
+    weights: str | None = Field(None, description="hf-hub:<repo> (local cache) or local-dir:<path>; None = default")
+    lora: LoraSettings = LoraSettings()
+    folds: int = Field(3, ge=2)
+    seed: int = 42
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    head_lr: float = Field(1e-3, gt=0, description="the freshly initialized head learns faster than the adapters")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    augment: bool = True
+    eval_batch_size: int = Field(64, ge=1)
+
+
+def load_config(path: Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw.update(overrides or {})
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise ValueError(f"{path}: '{where}': {first['msg']}") from None
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))

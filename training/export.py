@@ -1,0 +1,137 @@
+"""Run folder -> one ONNX ensemble + manifest.
+
+Per fold: rebuild the base, load the adapter, ``merge_and_unload()`` and check the merged model gives the unmerged
+model's logits. Then ``Preprocess -> folds -> mean(sigmoid)`` is exported as one graph (input ``pixels`` uint8
+[N, H, W, 3], output ``prob_atypical`` float [N], dynamic N/H/W), checked with ``onnx.checker`` and against
+PyTorch in ONNX Runtime, and described by ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from peft import PeftModel
+
+from contracts import MANIFEST_FILENAME, ONNX_INPUT, ONNX_OUTPUT, ModelManifest, sha256_of
+from training.config import load_config
+from training.data import decode_figures, read_midog25
+from training.model import Classifier, Ensemble, Preprocess, build_classifier
+from training.synthetic import synthetic_figures
+
+log = logging.getLogger(__name__)
+
+ONNX_FILE = "ensemble.onnx"
+OPSET = 18
+MERGE_ATOL = 1e-4  # logits, fp32
+ONNX_ATOL = 1e-4  # probabilities, fp32
+
+
+class ExportCheckError(RuntimeError):
+    """An exported artifact disagrees with the model it came from."""
+
+
+def verification_pixels(run_dir: Path, n: int = 16) -> np.ndarray:
+    """Real-looking uint8 patches: held-out figures of the run's own data when reachable, else synthetic ones."""
+    data_root = Path(json.loads((run_dir / "data.json").read_text())["data_root"])
+    try:
+        figures = read_midog25(data_root)
+        step = max(1, len(figures) // n)
+        return decode_figures(figures[::step][:n])
+    except (OSError, ValueError) as err:
+        log.warning("verifying on synthetic patches: the run's data is not readable here (%s)", err)
+        return synthetic_figures(n, seed=7, n_slides=4)[0]
+
+
+def merged_fold(run_dir: Path, fold: int, pixels: np.ndarray) -> Classifier:
+    """Base + adapter of one fold, merged; raises unless merged and unmerged logits agree on ``pixels``."""
+    cfg = load_config(run_dir / "config.yaml")
+    base = build_classifier(cfg.backbone, cfg.weights)
+    peft_model = PeftModel.from_pretrained(base, run_dir / f"fold_{fold}" / "adapter").eval()
+    with torch.no_grad():
+        x = Preprocess.for_backbone(base.backbone)(torch.from_numpy(pixels))
+        unmerged = peft_model(x)
+        merged = peft_model.merge_and_unload().eval()
+        diff = (merged(x) - unmerged).abs().max().item()
+    if diff > MERGE_ATOL:
+        raise ExportCheckError(f"fold {fold}: merged logits differ from unmerged by {diff:.2e} > {MERGE_ATOL}")
+    log.info("fold %d merged (max |dlogit| %.1e)", fold, diff)
+    return merged
+
+
+def export_onnx(ensemble: Ensemble, example: torch.Tensor, path: Path) -> None:
+    n, h, w = (torch.export.Dim(name, min=1, max=4096) for name in ("N", "H", "W"))
+    torch.onnx.export(
+        ensemble,
+        (example,),
+        str(path),
+        input_names=[ONNX_INPUT],
+        output_names=[ONNX_OUTPUT],
+        dynamic_shapes={"pixels": {0: n, 1: h, 2: w}},
+        opset_version=OPSET,
+        dynamo=True,
+        external_data=True,
+    )
+    onnx.checker.check_model(str(path))
+
+
+def compare_with_torch(ensemble: Ensemble, onnx_path: Path, batches: list[np.ndarray]) -> float:
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for pixels in batches:
+        with torch.no_grad():
+            expected = ensemble(torch.from_numpy(pixels)).numpy()
+        got = session.run([ONNX_OUTPUT], {ONNX_INPUT: pixels})[0]
+        if got.shape != expected.shape:
+            raise ExportCheckError(f"ONNX output shape {got.shape} != PyTorch {expected.shape}")
+        worst = max(worst, float(np.abs(got - expected).max()))
+    if worst > ONNX_ATOL:
+        raise ExportCheckError(f"ONNX Runtime differs from PyTorch by {worst:.2e} > {ONNX_ATOL} in P(atypical)")
+    return worst
+
+
+def export_run(run_dir: Path, output_dir: Path) -> ModelManifest:
+    cfg = load_config(run_dir / "config.yaml")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    pixels = verification_pixels(run_dir)
+
+    folds = [merged_fold(run_dir, k, pixels) for k in range(cfg.folds)]
+    ensemble = Ensemble(Preprocess.for_backbone(folds[0].backbone), folds).eval()
+
+    # a single page and an odd page size exercise the dynamic axes and the in-graph resize
+    odd = np.pad(pixels[:2], ((0, 0), (0, 72), (0, 22), (0, 0)), mode="reflect")
+    batches = [pixels, pixels[:1], odd]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".export-") as tmp:
+        staged = Path(tmp) / ONNX_FILE
+        export_onnx(ensemble, torch.from_numpy(pixels[:2]), staged)
+        worst = compare_with_torch(ensemble, staged, batches)
+        log.info("ONNX Runtime vs PyTorch: max |dp| %.2e over %d batches", worst, len(batches))
+        files = sorted(p.name for p in Path(tmp).iterdir())
+        for old in [ONNX_FILE, f"{ONNX_FILE}.data", MANIFEST_FILENAME]:
+            (output_dir / old).unlink(missing_ok=True)
+        for name in files:
+            shutil.move(Path(tmp) / name, output_dir / name)
+
+    manifest = ModelManifest(
+        backbone=cfg.backbone,
+        folds=cfg.folds,
+        threshold=summary["threshold"],
+        onnx_file=ONNX_FILE,
+        files={name: sha256_of(output_dir / name) for name in files},
+        training_config=cfg.model_dump(),
+        oof_metrics={k: float(v) for k, v in summary["oof"].items()},
+        created_utc=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    (output_dir / MANIFEST_FILENAME).write_text(manifest.model_dump_json(indent=1) + "\n")
+    log.info("exported %d folds of %s to %s (threshold %.4f)", cfg.folds, cfg.backbone, output_dir,
+             manifest.threshold)  # fmt: skip
+    return manifest

@@ -1,0 +1,89 @@
+"""The torch modules that training runs and export freezes into ONNX.
+
+``Preprocess`` is the single definition of how raw pixels become backbone input: training applies it to its
+batches and export puts it in front of the folds, so training and serving cannot disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.data import resolve_data_config
+from torch import nn
+
+from training.backbones import create_backbone
+
+_TORCH_MODES = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest"}
+
+
+class Preprocess(nn.Module):
+    """uint8 RGB [N, H, W, 3], any H and W -> normalized float [N, 3, S, S] at the backbone's input size."""
+
+    def __init__(self, input_size: Sequence[int], interpolation: str, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        if interpolation not in _TORCH_MODES:
+            raise ValueError(f"unsupported interpolation {interpolation!r}")
+        self.size = (int(input_size[-2]), int(input_size[-1]))
+        self.mode = _TORCH_MODES[interpolation]
+        # (x / 255 - mean) / std, folded into one multiply-add
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.register_buffer("scale", 1.0 / (255.0 * std_t), persistent=False)
+        self.register_buffer("shift", -mean_t / std_t, persistent=False)
+
+    @classmethod
+    def for_backbone(cls, backbone: nn.Module) -> Preprocess:
+        cfg = resolve_data_config(pretrained_cfg=backbone.pretrained_cfg)
+        return cls(cfg["input_size"], cfg["interpolation"], cfg["mean"], cfg["std"])
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.permute(0, 3, 1, 2).float()
+        # Always resample, even at the target size (an exact identity then): a shape test would freeze into the
+        # exported graph. align_corners=False matches ONNX Resize's half_pixel mode.
+        kwargs = {} if self.mode == "nearest" else {"align_corners": False}
+        x = F.interpolate(x, size=self.size, mode=self.mode, **kwargs)
+        return x * self.scale + self.shift
+
+
+class Classifier(nn.Module):
+    """Backbone tokens -> concat(CLS, mean of patch tokens) -> linear -> one logit for 'atypical'."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.num_prefix_tokens = int(backbone.num_prefix_tokens)  # CLS (+ registers): not patches
+        self.head = nn.Linear(2 * backbone.embed_dim, 1)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.head.in_features
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.backbone.forward_features(x)
+        return torch.cat([tokens[:, 0], tokens[:, self.num_prefix_tokens :].mean(dim=1)], dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x)).squeeze(-1)
+
+
+def build_classifier(backbone: str, weights: str | None = None, head_seed: int = 0) -> Classifier:
+    model = Classifier(create_backbone(backbone, weights))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(head_seed)
+        model.head.reset_parameters()
+    return model
+
+
+class Ensemble(nn.Module):
+    """The exported graph: raw pixels -> P(atypical), the mean over folds of sigmoid(logit)."""
+
+    def __init__(self, preprocess: Preprocess, folds: Sequence[nn.Module]):
+        super().__init__()
+        self.preprocess = preprocess
+        self.folds = nn.ModuleList(folds)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.preprocess(pixels)
+        return torch.stack([torch.sigmoid(fold(x)) for fold in self.folds]).mean(dim=0)

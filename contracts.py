@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 INPUT_INTERFACE = "stacked-histopathology-roi-cropouts"
 ANSWER_FILENAME = "multiple-mitotic-figure-classification.json"
@@ -35,7 +35,15 @@ class FigureAnswer(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
     label: Label = Field(alias="class")
-    confidence: StrictFloat = Field(ge=0.0, le=1.0, allow_inf_nan=False)
+    confidence: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
+
+    @field_validator("confidence", mode="before")
+    @classmethod
+    def _a_json_float(cls, value: object) -> object:
+        # the scorer rejects an integer confidence (0 or 1 written without a decimal point)
+        if type(value) is not float:
+            raise ValueError(f"confidence must be a float, got {type(value).__name__} {value!r}")
+        return value
 
 
 def classify(prob_atypical: float, threshold: float) -> Label:

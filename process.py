@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageSequence, UnidentifiedImageError
+from PIL import Image, ImageSequence
 
 from contracts import (
     ANSWER_FILENAME,
@@ -72,6 +72,7 @@ def find_stack(input_dir: Path) -> Path:
 def read_tiff(path: Path) -> list[np.ndarray]:
     Image.MAX_IMAGE_PIXELS = MAX_PAGE_PIXELS
     with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow warns about damaged tags before failing; the failure is reported
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as im:
             return [np.asarray(page.convert("RGB")) for page in ImageSequence.Iterator(im)]
@@ -100,7 +101,7 @@ def read_stack(path: Path) -> list[np.ndarray]:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise InputError(f"{path.name}: refused, declared size too large ({err})") from None
-    except (UnidentifiedImageError, OSError, RuntimeError, ValueError, SyntaxError, EOFError) as err:
+    except Exception as err:  # decoders fail in many ways on damaged files; each is this file's problem
         raise InputError(f"{path.name}: unreadable image ({err.__class__.__name__}: {err})") from None
     if not pages:
         raise InputError(f"{path.name}: no pages")

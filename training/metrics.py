@@ -25,7 +25,7 @@ def summarize(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[s
         "specificity": float((~preds[labels == 0]).mean()) if (labels == 0).any() else float("nan"),
         "roc_auc": float(roc_auc_score(labels, probs)) if both_classes else float("nan"),
         "threshold": float(threshold),
-        "n": int(len(labels)),
+        "n": len(labels),
     }
 
 

@@ -52,19 +52,18 @@ def _smooth_noise(rng: np.random.Generator, cells: int) -> np.ndarray:
     return np.asarray(coarse.resize((PATCH_SIZE, PATCH_SIZE), Image.BICUBIC), np.float32) / 255.0
 
 
-def _chromatin(rng: np.random.Generator, atypical: bool) -> tuple[np.ndarray, str]:
-    """Centre figure mask in [0, 1] and the pattern's name."""
+def _chromatin(rng: np.random.Generator, atypical: bool) -> np.ndarray:
+    """Centre figure mask in [0, 1]."""
     c = np.array([64.0, 64.0]) + rng.normal(0, 3, 2)
     angle = rng.uniform(0, np.pi)
     if not atypical:
         if rng.random() < 0.65:
-            pts, pattern = _segment(rng, c, angle, rng.uniform(18, 30), 14, 1.2), "metaphase"
-        else:
+            pts = _segment(rng, c, angle, rng.uniform(18, 30), 14, 1.2)  # metaphase plate
+        else:  # anaphase: two parallel plates
             gap = rng.uniform(12, 18) / 2
             off = gap * np.array([np.cos(angle), -np.sin(angle)])
             length = rng.uniform(14, 22)
-            pts = np.vstack([_segment(rng, c + off, angle, length, 9, 1.0), _segment(rng, c - off, angle, length, 9, 1.0)])
-            pattern = "anaphase"
+            pts = np.vstack([_segment(rng, c + s * off, angle, length, 9, 1.0) for s in (1, -1)])
         sig = rng.uniform(2.2, 3.0, len(pts))
     else:
         kind = rng.choice(["multipolar", "lagging", "scattered"])
@@ -89,8 +88,7 @@ def _chromatin(rng: np.random.Generator, atypical: bool) -> tuple[np.ndarray, st
             a = rng.uniform(0, 2 * np.pi, n)
             pts = c + np.stack([r * np.sin(a), r * np.cos(a)], axis=1)
         sig = rng.uniform(1.8, 3.0, len(pts))
-        pattern = str(kind)
-    return np.clip(_blobs(pts, sig) * 0.9, 0, 1), pattern
+    return np.clip(_blobs(pts, sig) * 0.9, 0, 1)
 
 
 def render_figure(rng: np.random.Generator, atypical: bool, slide_tint: np.ndarray, scanner: int) -> np.ndarray:
@@ -110,7 +108,7 @@ def render_figure(rng: np.random.Generator, atypical: bool, slide_tint: np.ndarr
     hematoxylin_pale = np.array([150, 112, 190], np.float32) * slide_tint
     img = img * (1 - nuc_mask[..., None]) + hematoxylin_pale * nuc_mask[..., None]
     # the mitotic figure, with a faint clear halo of cytoplasm around it
-    chrom, _ = _chromatin(rng, atypical)
+    chrom = _chromatin(rng, atypical)
     halo = np.clip(_blobs(np.array([[64.0, 64.0]]), np.array([16.0])) * 0.25, 0, 1)
     img = img * (1 - halo[..., None]) + np.array([235, 200, 232], np.float32) * halo[..., None]
     hematoxylin_dark = np.array([62, 32, 112], np.float32) * slide_tint

@@ -117,7 +117,9 @@ def train_fold(
         model.train()
         order = torch.randperm(len(train_x), generator=generator).numpy()
         started, losses = time.perf_counter(), []
-        bar = tqdm(range(steps_per_epoch), desc=f"fold {fold} epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
+        bar = tqdm(
+            range(steps_per_epoch), desc=f"fold {fold} epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None
+        )
         for i in bar:
             idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             batch = torch.from_numpy(train_x[idx])

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Build the image and run it on test/input the way Grand Challenge runs an algorithm (no network, GPU, read-only
+# /input); fail unless the answer matches test/expected_output.json (classes exact, confidence within TOLERANCE).
+#   ./test.sh            GPU host: the container's own --device cuda, so a silent CPU fallback fails the test
+#   GPUS= ./test.sh      no GPU on this host: run the image with --device cpu instead
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+IMAGE=${IMAGE:-midog25-track2}
+GPUS=${GPUS-all}
+TOLERANCE=${TOLERANCE:-0.02}
+OUTPUT_JSON=multiple-mitotic-figure-classification.json
+
+docker build --tag "$IMAGE" .
+
+output_dir=$(mktemp -d)
+trap 'rm -rf "$output_dir"' EXIT
+chmod 777 "$output_dir"  # the container runs as a non-root user
+
+run_flags=(--rm --network none --shm-size 128m --volume "$PWD/test/input:/input:ro" --volume "$output_dir:/output")
+device_args=()
+if [ -n "$GPUS" ]; then
+    run_flags+=(--gpus "$GPUS")
+else
+    device_args=(--device cpu)
+fi
+docker run "${run_flags[@]}" "$IMAGE" "${device_args[@]}"
+
+python3 test/compare_answer.py "$output_dir/$OUTPUT_JSON" test/expected_output.json --tolerance "$TOLERANCE"

@@ -1,0 +1,96 @@
+import json
+
+import pytest
+
+from contracts import (
+    ContractError,
+    ModelManifest,
+    build_answer,
+    classify,
+    sha256_of,
+    validate_answer,
+)
+
+
+def test_answer_confidence_is_p_atypical_for_both_classes():
+    answer = build_answer([0.9, 0.1, 0.5], threshold=0.5)
+    assert answer == [
+        {"class": "atypical", "confidence": 0.9},
+        {"class": "normal", "confidence": 0.1},
+        {"class": "atypical", "confidence": 0.5},  # p >= threshold is atypical
+    ]
+
+
+def test_answer_confidences_are_json_floats_even_for_round_values():
+    answer = build_answer([0, 1], threshold=0.3)  # ints from an upstream bug must still serialize as floats
+    text = json.dumps(answer)
+    assert '"confidence": 0.0' in text and '"confidence": 1.0' in text
+    assert all(type(e["confidence"]) is float for e in answer)
+
+
+def test_threshold_decides_the_class():
+    assert classify(0.29, 0.3) == "normal"
+    assert classify(0.30, 0.3) == "atypical"
+    assert [e["class"] for e in build_answer([0.2, 0.4], threshold=0.35)] == ["normal", "atypical"]
+
+
+def test_answer_rejects_non_finite_probabilities():
+    with pytest.raises(ContractError, match="non-finite"):
+        build_answer([float("nan")], threshold=0.5)
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        ([{"class": "normal", "confidence": 0.2}], "list of 2"),
+        ({"class": "normal"}, "list of 2"),
+        ([{"class": "normal", "confidence": 0.2}, {"class": "normal"}], "entry 1"),
+        ([{"class": "normal", "confidence": 0.2}, {"class": "normal", "confidence": 1}], "entry 1"),
+        ([{"class": "normal", "confidence": 0.2}, {"class": "mitosis", "confidence": 0.3}], "entry 1"),
+        ([{"class": "normal", "confidence": 0.2}, {"class": "normal", "confidence": 1.5}], "entry 1"),
+        ([{"class": "normal", "confidence": 0.2, "extra": 1}, {"class": "normal", "confidence": 0.1}], "entry 0"),
+    ],
+)
+def test_validate_answer_rejects_what_the_scorer_rejects(answer, message):
+    with pytest.raises(ContractError, match=message):
+        validate_answer(answer, n_pages=2)
+
+
+def _manifest(tmp_path, **overrides):
+    (tmp_path / "ensemble.onnx").write_bytes(b"graph")
+    fields = {
+        "backbone": "tiny-virchow",
+        "folds": 3,
+        "threshold": 0.4,
+        "onnx_file": "ensemble.onnx",
+        "files": {"ensemble.onnx": sha256_of(tmp_path / "ensemble.onnx")},
+        "training_config": {},
+        "oof_metrics": {"balanced_accuracy": 0.8},
+        "created_utc": "2026-01-01T00:00:00+00:00",
+    }
+    fields.update(overrides)
+    (tmp_path / "manifest.json").write_text(json.dumps(fields))
+    return tmp_path
+
+
+def test_manifest_roundtrip_and_checksums(tmp_path):
+    model_dir = _manifest(tmp_path)
+    manifest = ModelManifest.load(model_dir)
+    manifest.verify_files(model_dir)
+    assert manifest.threshold == 0.4 and manifest.input_name == "pixels" and manifest.output_name == "prob_atypical"
+
+    (model_dir / "ensemble.onnx").write_bytes(b"tampered")
+    with pytest.raises(ContractError, match="sha256"):
+        manifest.verify_files(model_dir)
+    (model_dir / "ensemble.onnx").unlink()
+    with pytest.raises(ContractError, match="missing"):
+        manifest.verify_files(model_dir)
+
+
+def test_manifest_rejects_unknown_keys_and_bad_versions(tmp_path):
+    with pytest.raises(ContractError, match="surprise"):
+        ModelManifest.load(_manifest(tmp_path, surprise=1))
+    with pytest.raises(ContractError, match="format_version"):
+        ModelManifest.load(_manifest(tmp_path, format_version=2))
+    with pytest.raises(ContractError, match="no manifest"):
+        ModelManifest.load(tmp_path / "nowhere")

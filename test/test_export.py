@@ -1,0 +1,80 @@
+"""Export: merged == unmerged per fold, merged != base, ONNX == PyTorch, the graph's I/O, the manifest."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from contracts import ModelManifest
+from training.config import load_config
+from training.export import ONNX_ATOL, compare_with_torch, merged_fold
+from training.model import Ensemble, Preprocess, build_classifier
+from training.synthetic import synthetic_figures
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    return synthetic_figures(8, seed=5, n_slides=2)[0]
+
+
+@pytest.fixture(scope="module")
+def merged_folds(demo_run, pixels):
+    cfg = load_config(demo_run["run"] / "config.yaml")
+    return [merged_fold(demo_run["run"], k, pixels) for k in range(cfg.folds)]  # each checks merged == unmerged
+
+
+def test_merged_folds_differ_from_the_base_and_each_other(demo_run, merged_folds, pixels):
+    cfg = load_config(demo_run["run"] / "config.yaml")
+    base = build_classifier(cfg.backbone, cfg.weights).eval()
+    x = Preprocess.for_backbone(base.backbone)(torch.from_numpy(pixels))
+    qkv = [f.backbone.blocks[0].attn.qkv.weight for f in merged_folds]
+    assert not torch.equal(qkv[0], base.backbone.blocks[0].attn.qkv.weight), "the adapter changed nothing"
+    assert not torch.equal(qkv[0], qkv[1])
+    with torch.no_grad():
+        assert not torch.allclose(merged_folds[0](x), merged_folds[1](x))
+    assert not any("lora" in name for f in merged_folds for name, _ in f.named_parameters())
+
+
+def test_onnx_matches_pytorch_on_real_looking_pages(demo_run, merged_folds, pixels):
+    ensemble = Ensemble(Preprocess.for_backbone(merged_folds[0].backbone), merged_folds).eval()
+    odd_size = np.ascontiguousarray(pixels[:3, :100, :120])
+    worst = compare_with_torch(ensemble, demo_run["model"] / "ensemble.onnx", [pixels, pixels[:1], odd_size])
+    assert worst <= ONNX_ATOL
+
+
+def test_graph_has_named_dynamic_io(demo_run):
+    model = onnx.load(str(demo_run["model"] / "ensemble.onnx"), load_external_data=False)
+    (inp,) = model.graph.input
+    (out,) = model.graph.output
+    assert inp.name == "pixels" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    dims = inp.type.tensor_type.shape.dim
+    assert [d.dim_param != "" for d in dims] == [True, True, True, False] and dims[3].dim_value == 3
+    assert out.name == "prob_atypical" and out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    session = ort.InferenceSession(str(demo_run["model"] / "ensemble.onnx"), providers=["CPUExecutionProvider"])
+    for n in (1, 5):
+        (probs,) = session.run(None, {"pixels": np.zeros((n, 128, 128, 3), np.uint8)})
+        assert probs.shape == (n,) and np.all((probs > 0) & (probs < 1))
+
+
+def test_manifest_describes_the_run(demo_run):
+    manifest = ModelManifest.load(demo_run["model"])
+    manifest.verify_files(demo_run["model"])
+    summary = json.loads((demo_run["run"] / "summary.json").read_text())
+    assert manifest.threshold == summary["threshold"]
+    assert manifest.folds == 3 and manifest.backbone == "tiny-virchow"
+    assert manifest.oof_metrics["balanced_accuracy"] == summary["oof"]["balanced_accuracy"]
+    assert manifest.training_config == load_config(demo_run["run"] / "config.yaml").model_dump()
+
+
+def test_run_folder_layout(demo_run):
+    run = demo_run["run"]
+    for name in ("config.yaml", "splits.json", "oof.csv", "summary.json"):
+        assert (run / name).is_file(), name
+    for k in range(3):
+        for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "log.csv", "best.json"):
+            assert (run / f"fold_{k}" / name).is_file(), f"fold_{k}/{name}"
+    oof = (run / "oof.csv").read_text().splitlines()
+    assert oof[0] == "image_id,fold,label,prob_atypical,domain" and len(oof) == 1 + 600

@@ -1,0 +1,178 @@
+"""process.py, the container entry point: valid answers on every kind of stack, clean failures on bad input."""
+
+import json
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import REPO, run_cli, shared_path
+from PIL import Image
+from torch import nn
+
+from contracts import ANSWER_FILENAME, INPUT_INTERFACE, ModelManifest, sha256_of, validate_answer
+from training.export import export_onnx
+from training.model import Ensemble, Preprocess
+from training.synthetic import synthetic_figures, write_case
+
+PROCESS = REPO / "process.py"
+
+
+def answer_for(case_dir, model_dir, out_dir, *extra):
+    result = run_cli(PROCESS, "--input", case_dir, "--output", out_dir, "--model", model_dir, "--device", "cpu", *extra)
+    answer = json.loads((out_dir / ANSWER_FILENAME).read_text())
+    return answer, result
+
+
+def assert_clean_failure(result, out_dir, *expected_words):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1, result.stderr
+    for word in expected_words:
+        assert word in errors[0], errors[0]
+    assert not (out_dir / ANSWER_FILENAME).exists()
+    assert not list(out_dir.glob(".*tmp")) if out_dir.exists() else True
+
+
+@pytest.fixture(scope="module")
+def pages():
+    return synthetic_figures(16, seed=11, n_slides=3)[0]
+
+
+@pytest.fixture(scope="module")
+def model_dir(demo_run):
+    return demo_run["model"]
+
+
+def test_organizers_sample_case_is_answered(model_dir, tmp_path):
+    case = shared_path("gc-sample", "input")
+    answer, result = answer_for(case, model_dir, tmp_path)
+    validate_answer(answer, n_pages=16)
+    assert "16 page(s)" in result.stderr and "CPUExecutionProvider" in result.stderr
+
+
+def test_committed_sample_case_is_answered(model_dir, tmp_path):
+    answer, _ = answer_for(REPO / "test" / "input", model_dir, tmp_path)
+    validate_answer(answer, n_pages=16)
+
+
+@pytest.mark.parametrize(("n_pages", "fmt"), [(1, "tiff"), (7, "tif"), (16, "tiff"), (5, "mha"), (1, "mha")])
+def test_stacks_of_every_size_and_format(model_dir, pages, tmp_path, n_pages, fmt):
+    write_case(tmp_path / "in", pages[:n_pages], fmt=fmt)
+    answer, _ = answer_for(tmp_path / "in", model_dir, tmp_path / "out")
+    validate_answer(answer, n_pages=n_pages)
+    assert all(type(e["confidence"]) is float for e in answer)
+
+
+def test_page_order_is_kept(model_dir, pages, tmp_path):
+    write_case(tmp_path / "fwd", pages[:8])
+    write_case(tmp_path / "rev", pages[:8][::-1])
+    forward, _ = answer_for(tmp_path / "fwd", model_dir, tmp_path / "o1")
+    backward, _ = answer_for(tmp_path / "rev", model_dir, tmp_path / "o2")
+    assert forward == backward[::-1]
+    assert len({e["confidence"] for e in forward}) > 1  # distinct pages, so order is really tested
+
+
+def test_tiff_and_mha_of_the_same_pages_agree(model_dir, pages, tmp_path):
+    write_case(tmp_path / "t", pages[:6], fmt="tiff")
+    write_case(tmp_path / "m", pages[:6], fmt="mha")
+    from_tiff, _ = answer_for(tmp_path / "t", model_dir, tmp_path / "o1")
+    from_mha, _ = answer_for(tmp_path / "m", model_dir, tmp_path / "o2")
+    assert from_tiff == from_mha
+
+
+def _constant_prob_model(model_dir):
+    """A model whose P(atypical) is known: the mean red value of the page / 255."""
+
+    class RedMean(nn.Module):
+        def forward(self, x):
+            p = x[:, 0].mean(dim=(1, 2)).clamp(1e-6, 1 - 1e-6)
+            return torch.log(p) - torch.log1p(-p)  # logit, so that the ensemble's sigmoid returns p
+
+    ensemble = Ensemble(Preprocess((128, 128), "bilinear", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), [RedMean(), RedMean()])
+    model_dir.mkdir()
+    export_onnx(ensemble.eval(), torch.zeros(2, 128, 128, 3, dtype=torch.uint8), model_dir / "ensemble.onnx")
+    files = {p.name: sha256_of(p) for p in model_dir.iterdir()}
+    manifest = ModelManifest(
+        backbone="red-mean", folds=2, threshold=0.5, onnx_file="ensemble.onnx", files=files,
+        training_config={}, oof_metrics={}, created_utc="2026-01-01T00:00:00+00:00",
+    )  # fmt: skip
+    (model_dir / "manifest.json").write_text(manifest.model_dump_json())
+    return model_dir
+
+
+def test_confidence_polarity_and_threshold_with_a_known_model(tmp_path):
+    model_dir = _constant_prob_model(tmp_path / "model")
+    reds = [25, 230, 120, 140, 255, 0]
+    stack = np.zeros((len(reds), 128, 128, 3), np.uint8)
+    stack[..., 0] = np.array(reds, np.uint8)[:, None, None]
+    write_case(tmp_path / "in", stack)
+    answer, _ = answer_for(tmp_path / "in", model_dir, tmp_path / "out")
+    expected = np.clip(np.array(reds) / 255, 1e-6, 1 - 1e-6)
+    np.testing.assert_allclose([e["confidence"] for e in answer], expected, atol=1e-4)  # float32 logit round trip
+    assert [e["class"] for e in answer] == ["atypical" if p >= 0.5 else "normal" for p in expected]
+    assert [e["class"] for e in answer][:2] == ["normal", "atypical"]
+
+
+def test_mixed_modes_and_sizes_in_one_stack(model_dir, pages, tmp_path):
+    image_dir = tmp_path / "in" / "images" / INPUT_INTERFACE
+    image_dir.mkdir(parents=True)
+    rgb = [Image.fromarray(p) for p in pages[:4]]
+    mixed = [rgb[0].convert("RGBA"), rgb[1].convert("L"), rgb[2].convert("P"), rgb[3].resize((100, 140))]
+    mixed[0].save(image_dir / "mixed.tiff", save_all=True, append_images=mixed[1:])
+    answer, _ = answer_for(tmp_path / "in", model_dir, tmp_path / "out")
+    validate_answer(answer, n_pages=4)
+
+
+def _case_with_file(tmp_path, name, content: bytes):
+    image_dir = tmp_path / "in" / "images" / INPUT_INTERFACE
+    image_dir.mkdir(parents=True)
+    (image_dir / name).write_bytes(content)
+    return tmp_path / "in"
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "words"),
+    [
+        ("empty.tiff", b"", ("empty.tiff", "empty file")),
+        ("notes.tif", b"this is not an image at all", ("notes.tif", "unreadable")),
+        ("stack.mha", b"ObjectType = Image\nNDims = 3\nDimSize = 9 9\n", ("stack.mha",)),
+        ("readme.txt", b"no image here", ("no .tif, .tiff or .mha",)),
+    ],
+)
+def test_bad_files_fail_cleanly(model_dir, tmp_path, name, content, words):
+    case = _case_with_file(tmp_path, name, content)
+    result = run_cli(PROCESS, "--input", case, "--output", tmp_path / "out", "--model", model_dir, check=False)
+    assert_clean_failure(result, tmp_path / "out", *words)
+
+
+def test_truncated_tiff_fails_cleanly(model_dir, pages, tmp_path):
+    path = write_case(tmp_path / "full", pages[:4])
+    case = _case_with_file(tmp_path, "cut.tiff", path.read_bytes()[: path.stat().st_size // 3])
+    result = run_cli(PROCESS, "--input", case, "--output", tmp_path / "out", "--model", model_dir, check=False)
+    assert_clean_failure(result, tmp_path / "out", "cut.tiff")
+
+
+def test_missing_input_folder_fails_cleanly(model_dir, tmp_path):
+    result = run_cli(PROCESS, "--input", tmp_path / "nowhere", "--output", tmp_path / "out", "--model", model_dir,
+                     check=False)  # fmt: skip
+    assert_clean_failure(result, tmp_path / "out", "no such folder")
+
+
+def test_tampered_model_fails_cleanly(model_dir, tmp_path):
+    tampered = shutil.copytree(model_dir, tmp_path / "model")
+    onnx_path = tampered / "ensemble.onnx"
+    onnx_path.write_bytes(onnx_path.read_bytes() + b"\0")
+    result = run_cli(PROCESS, "--input", REPO / "test" / "input", "--output", tmp_path / "out", "--model", tampered,
+                     check=False)  # fmt: skip
+    assert_clean_failure(result, tmp_path / "out", "sha256")
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available(),
+                    reason="a GPU is present: the CUDA provider would load")  # fmt: skip
+def test_device_cuda_never_falls_back_to_cpu_silently(model_dir, tmp_path):
+    result = run_cli(PROCESS, "--input", REPO / "test" / "input", "--output", tmp_path / "out", "--model", model_dir,
+                     "--device", "cuda", check=False)  # fmt: skip
+    assert_clean_failure(result, tmp_path / "out", "--device cuda")

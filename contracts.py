@@ -98,7 +98,7 @@ class ModelManifest(BaseModel):
     output_name: Literal["prob_atypical"] = ONNX_OUTPUT
     files: dict[str, str] = Field(description="file name relative to the model folder -> sha256")
     training_config: dict[str, Any]
-    oof_metrics: dict[str, float]
+    oof_metrics: dict[str, float | None] = Field(description="None where undefined, e.g. AUC with one class")
     created_utc: str
 
     @classmethod

@@ -81,10 +81,13 @@ def read_tiff(path: Path) -> list[np.ndarray]:
 def read_mha(path: Path) -> list[np.ndarray]:
     import SimpleITK as sitk
 
-    array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-    if array.ndim == 3 and array.shape[-1] == 3:  # a single 2-D RGB page
+    image = sitk.ReadImage(str(path))
+    if image.GetNumberOfComponentsPerPixel() != 3:
+        raise InputError(f"{path.name}: expected RGB pixels, got {image.GetNumberOfComponentsPerPixel()} component(s)")
+    array = sitk.GetArrayFromImage(image)  # [N, H, W, 3] for a stack, [H, W, 3] for a single page
+    if array.ndim == 3:
         array = array[None]
-    if array.ndim != 4 or array.shape[-1] != 3:
+    if array.ndim != 4:
         raise InputError(f"{path.name}: expected an RGB stack [N, H, W, 3], got shape {list(array.shape)}")
     if array.dtype != np.uint8:
         raise InputError(f"{path.name}: expected uint8 pixels, got {array.dtype}")
@@ -118,7 +121,7 @@ def resolve_model_dir(explicit: Path | None) -> Path:
     return BAKED_MODEL_DIR
 
 
-class Ensemble:
+class OnnxEnsemble:
     """The exported ONNX ensemble in one ONNX Runtime session."""
 
     def __init__(self, model_dir: Path, device: str, quiet: bool = True):
@@ -162,6 +165,7 @@ def write_json_atomically(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the answer from anyone but the container's user
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2)
             f.write("\n")
@@ -173,10 +177,11 @@ def write_json_atomically(obj, path: Path) -> None:
 
 def run(input_dir: Path, output_dir: Path, model_dir: Path, device: str, quiet: bool = True) -> list[dict]:
     started = time.perf_counter()
+    (output_dir / ANSWER_FILENAME).unlink(missing_ok=True)  # a failed run leaves no answer, not an old one
     stack = find_stack(input_dir)
     pages = read_stack(stack)
     log.info("read %s: %d page(s)", stack.name, len(pages))
-    ensemble = Ensemble(model_dir, device, quiet)
+    ensemble = OnnxEnsemble(model_dir, device, quiet)
     log.info("model %s (%s, %d folds, threshold %.4f) on %s", model_dir, ensemble.manifest.backbone,
              ensemble.manifest.folds, ensemble.manifest.threshold, ensemble.provider)  # fmt: skip
     probs = ensemble.predict(pages)
@@ -185,6 +190,11 @@ def run(input_dir: Path, output_dir: Path, model_dir: Path, device: str, quiet: 
     write_json_atomically(answer, output_dir / ANSWER_FILENAME)
     log.info("wrote %s in %.2f s", output_dir / ANSWER_FILENAME, time.perf_counter() - started)
     return answer
+
+
+def one_line(err: Exception) -> str:
+    """Library messages (ITK's especially) span lines; the contract is one line on stderr."""
+    return " ".join(str(err).split())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,12 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, ContractError, DeviceError) as err:
         if args.debug:
             raise
-        log.error("%s", err)
+        log.error("%s", one_line(err))
         return 2
     except Exception as err:  # one line, not a traceback wall; --debug shows the traceback
         if args.debug:
             raise
-        log.error("failed: %s: %s", err.__class__.__name__, err)
+        log.error("failed: %s: %s", err.__class__.__name__, one_line(err))
         return 1
     return 0
 

@@ -11,6 +11,11 @@ GPUS=${GPUS-all}
 TOLERANCE=${TOLERANCE:-0.02}
 OUTPUT_JSON=multiple-mitotic-figure-classification.json
 
+if [ ! -f model/manifest.json ]; then
+    echo "test.sh: model/manifest.json missing: export a model first (make demo, or python -m training export)" >&2
+    exit 1
+fi
+
 docker build --tag "$IMAGE" .
 
 output_dir=$(mktemp -d)
@@ -24,6 +29,6 @@ if [ -n "$GPUS" ]; then
 else
     device_args=(--device cpu)
 fi
-docker run "${run_flags[@]}" "$IMAGE" "${device_args[@]}"
+docker run "${run_flags[@]}" "$IMAGE" ${device_args[@]+"${device_args[@]}"}  # bash < 4.4: empty array + set -u
 
 python3 test/compare_answer.py "$output_dir/$OUTPUT_JSON" test/expected_output.json --tolerance "$TOLERANCE"

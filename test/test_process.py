@@ -176,3 +176,28 @@ def test_device_cuda_never_falls_back_to_cpu_silently(model_dir, tmp_path):
     result = run_cli(PROCESS, "--input", REPO / "test" / "input", "--output", tmp_path / "out", "--model", model_dir,
                      "--device", "cuda", check=False)  # fmt: skip
     assert_clean_failure(result, tmp_path / "out", "--device cuda")
+
+
+def test_grey_mha_is_refused_even_when_its_width_is_3(model_dir, tmp_path):
+    import SimpleITK as sitk
+
+    case = _case_with_file(tmp_path, "placeholder", b"")
+    (case / "images" / INPUT_INTERFACE / "placeholder").unlink()
+    grey = sitk.GetImageFromArray(np.zeros((5, 128, 3), np.uint8))  # scalar pixels, [N=5, H=128, W=3]
+    sitk.WriteImage(grey, str(case / "images" / INPUT_INTERFACE / "grey.mha"))
+    result = run_cli(PROCESS, "--input", case, "--output", tmp_path / "out", "--model", model_dir, check=False)
+    assert_clean_failure(result, tmp_path / "out", "grey.mha", "RGB")
+
+
+def test_answer_is_readable_by_other_users(model_dir, tmp_path):
+    answer_for(REPO / "test" / "input", model_dir, tmp_path)
+    assert (tmp_path / ANSWER_FILENAME).stat().st_mode & 0o777 == 0o644
+
+
+def test_a_failed_run_leaves_no_earlier_answer_behind(model_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ANSWER_FILENAME).write_text("[]")
+    case = _case_with_file(tmp_path, "empty.tiff", b"")
+    result = run_cli(PROCESS, "--input", case, "--output", out, "--model", model_dir, check=False)
+    assert_clean_failure(result, out, "empty.tiff")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import tempfile
 from datetime import UTC, datetime
@@ -26,6 +27,7 @@ from training.config import load_config
 from training.data import decode_figures, read_midog25
 from training.model import Classifier, Ensemble, Preprocess, build_classifier
 from training.synthetic import synthetic_figures
+from training.train import unfinished_folds
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,8 @@ def compare_with_torch(ensemble: Ensemble, onnx_path: Path, batches: list[np.nda
 
 def export_run(run_dir: Path, output_dir: Path) -> ModelManifest:
     cfg = load_config(run_dir / "config.yaml")
+    if unfinished := unfinished_folds(run_dir, cfg.folds):
+        raise ValueError(f"{run_dir}: fold(s) {unfinished} have not finished training")
     summary = json.loads((run_dir / "summary.json").read_text())
     pixels = verification_pixels(run_dir)
 
@@ -120,6 +124,7 @@ def export_run(run_dir: Path, output_dir: Path) -> ModelManifest:
             (output_dir / old).unlink(missing_ok=True)
         for name in files:
             shutil.move(Path(tmp) / name, output_dir / name)
+            (output_dir / name).chmod(0o644)  # the container reads them as another, non-root user
 
     manifest = ModelManifest(
         backbone=cfg.backbone,
@@ -128,10 +133,11 @@ def export_run(run_dir: Path, output_dir: Path) -> ModelManifest:
         onnx_file=ONNX_FILE,
         files={name: sha256_of(output_dir / name) for name in files},
         training_config=cfg.model_dump(),
-        oof_metrics={k: float(v) for k, v in summary["oof"].items()},
+        oof_metrics={k: float(v) if math.isfinite(v) else None for k, v in summary["oof"].items()},
         created_utc=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     (output_dir / MANIFEST_FILENAME).write_text(manifest.model_dump_json(indent=1) + "\n")
+    ModelManifest.load(output_dir).verify_files(output_dir)  # what process.py will do first
     log.info("exported %d folds of %s to %s (threshold %.4f)", cfg.folds, cfg.backbone, output_dir,
              manifest.threshold)  # fmt: skip
     return manifest

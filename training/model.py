@@ -54,25 +54,26 @@ class Classifier(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.num_prefix_tokens = int(backbone.num_prefix_tokens)  # CLS (+ registers): not patches
-        self.head = nn.Linear(2 * backbone.embed_dim, 1)
+        # not "head": peft matches modules_to_save by name suffix, and timm backbones have a `head` of their own
+        self.atypia_head = nn.Linear(2 * backbone.embed_dim, 1)
 
     @property
     def embedding_dim(self) -> int:
-        return self.head.in_features
+        return self.atypia_head.in_features
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.backbone.forward_features(x)
         return torch.cat([tokens[:, 0], tokens[:, self.num_prefix_tokens :].mean(dim=1)], dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(x)).squeeze(-1)
+        return self.atypia_head(self.embed(x)).squeeze(-1)
 
 
 def build_classifier(backbone: str, weights: str | None = None, head_seed: int = 0) -> Classifier:
     model = Classifier(create_backbone(backbone, weights))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(head_seed)
-        model.head.reset_parameters()
+        model.atypia_head.reset_parameters()
     return model
 
 

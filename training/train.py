@@ -6,7 +6,7 @@ Run folder (nnU-Net style)::
     RUN_DIR/splits.json          validation image ids per fold
     RUN_DIR/fold_<k>/adapter/    peft adapter + head of the best epoch
     RUN_DIR/fold_<k>/log.csv     one row per epoch
-    RUN_DIR/fold_<k>/best.json   best epoch and its validation figures
+    RUN_DIR/fold_<k>/best.json   best epoch and its validation figures; written last, it marks the fold finished
     RUN_DIR/fold_<k>/val.csv     the best epoch's predictions on the held-out fold
     RUN_DIR/oof.csv              all folds' held-out predictions (image_id, fold, label, prob_atypical, domain)
     RUN_DIR/summary.json         threshold chosen on the pooled out-of-fold predictions, and its figures
@@ -26,7 +26,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm import tqdm
 
-from training.config import LoraSettings, TrainConfig, save_config
+from training.config import LoraSettings, TrainConfig, load_config, save_config
 from training.data import Figure, decode_figures, read_midog25
 from training.metrics import choose_threshold, summarize
 from training.model import Preprocess, build_classifier
@@ -34,7 +34,7 @@ from training.splits import load_or_create_splits
 
 log = logging.getLogger(__name__)
 
-OOF_COLUMNS = ("image_id", "fold", "label", "prob_atypical", "domain")
+FINISHED_MARKER = "best.json"
 
 
 def apply_lora(model: torch.nn.Module, settings: LoraSettings) -> PeftModel:
@@ -44,7 +44,7 @@ def apply_lora(model: torch.nn.Module, settings: LoraSettings) -> PeftModel:
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=settings.target_modules,
-        modules_to_save=["head"],
+        modules_to_save=["atypia_head"],
         bias="none",
     )
     return get_peft_model(model, config)
@@ -61,13 +61,12 @@ def augment_d4(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_probs(model, preprocess, pixels: np.ndarray, batch_size: int, device: torch.device) -> np.ndarray:
+    """Validation probabilities in fp32, the precision the exported graph serves: the threshold is chosen on them."""
     model.eval()
     probs = []
     for start in range(0, len(pixels), batch_size):
         x = preprocess(torch.from_numpy(pixels[start : start + batch_size]).to(device))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(x)
-        probs.append(torch.sigmoid(logits.float()).cpu().numpy())
+        probs.append(torch.sigmoid(model(x).float()).cpu().numpy())
     return np.concatenate(probs)
 
 
@@ -83,6 +82,7 @@ def train_fold(
 ) -> dict:
     fold_dir = run_dir / f"fold_{fold}"
     fold_dir.mkdir(parents=True, exist_ok=True)
+    (fold_dir / FINISHED_MARKER).unlink(missing_ok=True)  # a rerun that dies must not look finished
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed + fold)
     generator = torch.Generator().manual_seed(cfg.seed + fold)
@@ -96,8 +96,8 @@ def train_fold(
     classifier = build_classifier(cfg.backbone, cfg.weights, head_seed=cfg.seed + fold)
     preprocess = Preprocess.for_backbone(classifier.backbone).to(device)
     model = apply_lora(classifier, cfg.lora).to(device)
-    head_params = [p for n, p in model.named_parameters() if p.requires_grad and ".head." in n]
-    adapter_params = [p for n, p in model.named_parameters() if p.requires_grad and ".head." not in n]
+    head_params = [p for n, p in model.named_parameters() if p.requires_grad and ".atypia_head." in n]
+    adapter_params = [p for n, p in model.named_parameters() if p.requires_grad and ".atypia_head." not in n]
     optimizer = torch.optim.AdamW(
         [{"params": adapter_params, "lr": cfg.lr}, {"params": head_params, "lr": cfg.head_lr}],
         weight_decay=cfg.weight_decay,
@@ -152,7 +152,7 @@ def train_fold(
             _write_predictions(fold_dir / "val.csv", val_figs, fold, val_p)
 
     _write_rows(fold_dir / "log.csv", log_rows)
-    (fold_dir / "best.json").write_text(json.dumps(best, indent=1))
+    (fold_dir / FINISHED_MARKER).write_text(json.dumps(best, indent=1))
     return best
 
 
@@ -173,8 +173,17 @@ def _write_predictions(path: Path, figures: list[Figure], fold: int, probs: np.n
     )
 
 
+def unfinished_folds(run_dir: Path, n_folds: int) -> list[int]:
+    return [k for k in range(n_folds) if not (run_dir / f"fold_{k}" / FINISHED_MARKER).is_file()]
+
+
 def pool_out_of_fold(run_dir: Path, n_folds: int) -> dict:
-    """Concatenate every fold's held-out predictions, choose the threshold there, and write the summary."""
+    """Concatenate every fold's held-out predictions, choose the threshold there, and write the summary.
+
+    The threshold is chosen on single-fold probabilities and applied to the mean over folds, whose probabilities
+    are a little less extreme; with a BA-maximizing cut between classes this costs little, and it is the only
+    unbiased choice (no figure is scored by a fold that trained on it).
+    """
     rows = []
     for fold in range(n_folds):
         with (run_dir / f"fold_{fold}" / "val.csv").open(newline="") as f:
@@ -192,7 +201,10 @@ def pool_out_of_fold(run_dir: Path, n_folds: int) -> dict:
 def train_run(cfg: TrainConfig, data_root: Path, run_dir: Path, folds: list[int] | None = None) -> dict | None:
     """Train the requested folds (all by default); pool out-of-fold predictions once every fold has finished."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    config_path = run_dir / "config.yaml"
+    if config_path.is_file() and load_config(config_path) != cfg:
+        raise ValueError(f"{config_path} holds a different config: use a new run folder (or the same config)")
+    save_config(cfg, config_path)
     (run_dir / "data.json").write_text(json.dumps({"data_root": str(data_root.resolve())}))
     figures = read_midog25(data_root)
     pixels = decode_figures(figures)
@@ -202,7 +214,7 @@ def train_run(cfg: TrainConfig, data_root: Path, run_dir: Path, folds: list[int]
             raise ValueError(f"fold {fold} outside 0..{cfg.folds - 1}")
         best = train_fold(cfg, fold, figures, pixels, set(val_folds[fold]), run_dir)
         log.info("fold %d best epoch %d: BA %.4f", fold, best["epoch"], best["balanced_accuracy"])
-    if all((run_dir / f"fold_{k}" / "val.csv").is_file() for k in range(cfg.folds)):
+    if not unfinished_folds(run_dir, cfg.folds):
         summary = pool_out_of_fold(run_dir, cfg.folds)
         log.info("out-of-fold: BA %.4f AUC %.4f at threshold %.4f", summary["oof"]["balanced_accuracy"],
                  summary["oof"]["roc_auc"], summary["threshold"])  # fmt: skip

@@ -10,7 +10,7 @@ import torch
 
 from contracts import ModelManifest
 from training.config import load_config
-from training.export import ONNX_ATOL, compare_with_torch, merged_fold
+from training.export import ONNX_ATOL, compare_with_torch, fold_model
 from training.model import Ensemble, Preprocess, build_classifier
 from training.synthetic import synthetic_figures
 
@@ -23,7 +23,7 @@ def pixels():
 @pytest.fixture(scope="module")
 def merged_folds(demo_run, pixels):
     cfg = load_config(demo_run["run"] / "config.yaml")
-    return [merged_fold(demo_run["run"], k, pixels) for k in range(cfg.folds)]  # each checks merged == unmerged
+    return [fold_model(demo_run["run"], k, pixels) for k in range(cfg.folds)]  # each checks merged == unmerged
 
 
 def test_merged_folds_differ_from_the_base_and_each_other(demo_run, merged_folds, pixels):

@@ -1,8 +1,8 @@
-"""A small registry of feature extractors: name -> timm ViT whose tokens the classifier pools.
+"""A small registry of feature extractors: name -> timm model whose ``forward_features`` the classifier pools.
 
-Every entry builds a timm ``VisionTransformer``; the classifier reads ``forward_features`` tokens and pools
-CLS + mean of patch tokens (prefix tokens, i.e. CLS and registers, are excluded from the mean). Preprocessing
-(input size, interpolation, mean/std) comes from the model's own ``pretrained_cfg``, never from constants here.
+Foundation models are timm ViTs (pooled as CLS + mean of patch tokens); task-specific models are timm CNNs trained
+from scratch at the patches' native 128 px (pooled by global average). Preprocessing (input size, interpolation,
+mean/std) comes from each model's own ``pretrained_cfg``, never from constants elsewhere.
 
 Weights are never fetched at run time. ``hf-hub:<repo>`` sources are resolved in the local Hugging Face cache
 only; ``local-dir:<path>`` reads a folder holding timm's ``config.json`` and the weights file.
@@ -97,18 +97,39 @@ TINY_VIRCHOW_CFG = {
     "hf_hub_id": None,
     "tag": "tiny-virchow",
 }
-TINY_VIRCHOW_INIT_SEED = 20250801
+RANDOM_INIT_SEED = 20250801
+
+
+def _random_init(architecture: str, **kwargs) -> nn.Module:
+    """Random init from a fixed seed, so that training and export rebuild the very same (frozen) base."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return timm.create_model(architecture, pretrained=False, **kwargs)
 
 
 def build_tiny_virchow(weights: str | None) -> nn.Module:
-    """Random init from a fixed seed, so that training and export rebuild the very same frozen base."""
     if weights:
         return load_pretrained_vit(weights, **VIRCHOW_LAYERS)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_VIRCHOW_INIT_SEED)
-        return timm.create_model(
-            "vit_huge_patch14_224", pretrained=False, pretrained_cfg_overlay=TINY_VIRCHOW_CFG, **TINY_VIRCHOW_ARGS
-        )
+    return _random_init("vit_huge_patch14_224", pretrained_cfg_overlay=TINY_VIRCHOW_CFG, **TINY_VIRCHOW_ARGS)
+
+
+# Task-specific models see the 128 px crop-outs as they are: no upscaling, bilinear for other page sizes.
+NATIVE_128_CFG = {
+    "input_size": (3, 128, 128),
+    "interpolation": "bilinear",
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+    "crop_pct": 1.0,
+}
+
+
+def scratch_cnn(architecture: str) -> Callable[[str | None], nn.Module]:
+    def build(weights: str | None) -> nn.Module:
+        if weights:
+            raise ValueError(f"{architecture} is trained from scratch here; it takes no weights source")
+        return _random_init(architecture, num_classes=0, pretrained_cfg_overlay=NATIVE_128_CFG)
+
+    return build
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -116,6 +137,12 @@ BACKBONES: dict[str, BackboneSpec] = {
     for spec in (
         BackboneSpec("virchow", build_virchow, "Paige Virchow ViT-H/14, 632M, CLS+mean 2560-d (gated weights)"),
         BackboneSpec("tiny-virchow", build_tiny_virchow, "Virchow-shaped 3-block ViT, random init, for tests/demo"),
+        BackboneSpec("resnet18-scratch", scratch_cnn("resnet18"), "ResNet-18 from scratch at native 128 px"),
+        BackboneSpec(
+            "efficientnetv2-b0-scratch",
+            scratch_cnn("tf_efficientnetv2_b0"),
+            "EfficientNetV2-B0 (the organizers' reference family, CPU-sized) from scratch at native 128 px",
+        ),
     )
 }
 
@@ -126,6 +153,6 @@ def create_backbone(name: str, weights: str | None = None) -> nn.Module:
     except KeyError:
         raise ValueError(f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}") from None
     model = spec.build(weights)
-    if not hasattr(model, "forward_features") or not hasattr(model, "num_prefix_tokens"):
-        raise TypeError(f"backbone {name!r} is not a timm ViT with forward_features tokens")
+    if not hasattr(model, "forward_features") or not hasattr(model, "num_features"):
+        raise TypeError(f"backbone {name!r} is not a timm model with forward_features")
     return model

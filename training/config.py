@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -28,6 +28,7 @@ class TrainConfig(_Strict):
     name: str = "virchow-lora"
     backbone: str = "virchow"
     weights: str | None = Field(None, description="hf-hub:<repo> (local cache) or local-dir:<path>; None = default")
+    mode: Literal["lora", "linear", "full"] = "lora"
     lora: LoraSettings = LoraSettings()
     folds: int = Field(3, ge=2)
     seed: int = 42
@@ -37,7 +38,8 @@ class TrainConfig(_Strict):
     head_lr: float = Field(1e-3, gt=0, description="the freshly initialized head learns faster than the adapters")
     weight_decay: float = Field(0.01, ge=0)
     warmup_fraction: float = Field(0.1, ge=0, lt=1)
-    augment: bool = True
+    augment: bool = Field(True, description="random flips and quarter turns")
+    stain_jitter: float = Field(0.0, ge=0, lt=1, description="HED stain jitter strength (0 = off), for scanner shift")
     eval_batch_size: int = Field(64, ge=1)
 
 

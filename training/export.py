@@ -1,9 +1,9 @@
 """Run folder -> one ONNX ensemble + manifest.
 
-Per fold: rebuild the base, load the adapter, ``merge_and_unload()`` and check the merged model gives the unmerged
-model's logits. Then ``Preprocess -> folds -> mean(sigmoid)`` is exported as one graph (input ``pixels`` uint8
-[N, H, W, 3], output ``prob_atypical`` float [N], dynamic N/H/W), checked with ``onnx.checker`` and against
-PyTorch in ONNX Runtime, and described by ``manifest.json``.
+Per fold: rebuild the base and load what the fold learned; LoRA adapters are merged with ``merge_and_unload()``,
+checked to give the unmerged model's logits. Then ``Preprocess -> folds -> mean(sigmoid)`` is exported as one
+graph (input ``pixels`` uint8 [N, H, W, 3], output ``prob_atypical`` float [N], dynamic N/H/W), checked with
+``onnx.checker`` and against PyTorch in ONNX Runtime, and described by ``manifest.json``.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from peft import PeftModel
 
 from contracts import MANIFEST_FILENAME, ONNX_INPUT, ONNX_OUTPUT, ModelManifest, sha256_of
+from training.adapt import load_fold_model
 from training.config import load_config
 from training.data import decode_figures, read_midog25
-from training.model import Classifier, Ensemble, Preprocess, build_classifier
+from training.model import Classifier, Ensemble, Preprocess
 from training.synthetic import synthetic_figures
 from training.train import unfinished_folds
 
@@ -53,15 +53,16 @@ def verification_pixels(run_dir: Path, n: int = 16) -> np.ndarray:
         return synthetic_figures(n, seed=7, n_slides=4)[0]
 
 
-def merged_fold(run_dir: Path, fold: int, pixels: np.ndarray) -> Classifier:
-    """Base + adapter of one fold, merged; raises unless merged and unmerged logits agree on ``pixels``."""
+def fold_model(run_dir: Path, fold: int, pixels: np.ndarray) -> Classifier:
+    """One fold's best model as a plain Classifier; LoRA adapters are merged, checked on ``pixels``."""
     cfg = load_config(run_dir / "config.yaml")
-    base = build_classifier(cfg.backbone, cfg.weights)
-    peft_model = PeftModel.from_pretrained(base, run_dir / f"fold_{fold}" / "adapter").eval()
+    trained = load_fold_model(cfg, run_dir / f"fold_{fold}")
+    if cfg.mode != "lora":
+        return trained
     with torch.no_grad():
-        x = Preprocess.for_backbone(base.backbone)(torch.from_numpy(pixels))
-        unmerged = peft_model(x)
-        merged = peft_model.merge_and_unload().eval()
+        x = Preprocess.for_backbone(trained.get_base_model().backbone)(torch.from_numpy(pixels))
+        unmerged = trained(x)
+        merged = trained.merge_and_unload().eval()
         diff = (merged(x) - unmerged).abs().max().item()
     if diff > MERGE_ATOL:
         raise ExportCheckError(f"fold {fold}: merged logits differ from unmerged by {diff:.2e} > {MERGE_ATOL}")
@@ -107,7 +108,7 @@ def export_run(run_dir: Path, output_dir: Path) -> ModelManifest:
     summary = json.loads((run_dir / "summary.json").read_text())
     pixels = verification_pixels(run_dir)
 
-    folds = [merged_fold(run_dir, k, pixels) for k in range(cfg.folds)]
+    folds = [fold_model(run_dir, k, pixels) for k in range(cfg.folds)]
     ensemble = Ensemble(Preprocess.for_backbone(folds[0].backbone), folds).eval()
 
     # a single page and an odd page size exercise the dynamic axes and the in-graph resize

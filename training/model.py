@@ -48,22 +48,30 @@ class Preprocess(nn.Module):
 
 
 class Classifier(nn.Module):
-    """Backbone tokens -> concat(CLS, mean of patch tokens) -> linear -> one logit for 'atypical'."""
+    """Backbone features -> embedding -> linear -> one logit for 'atypical'.
+
+    Embedding: for a ViT, concat(CLS token, mean of patch tokens) (prefix tokens, CLS and registers, are not
+    patches); for a CNN, the global average of its last feature map.
+    """
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
-        self.num_prefix_tokens = int(backbone.num_prefix_tokens)  # CLS (+ registers): not patches
+        # CLS (+ registers) for a ViT; None for a CNN, whose features are a map
+        self.num_prefix_tokens = getattr(backbone, "num_prefix_tokens", None)
+        dim = backbone.num_features * (2 if self.num_prefix_tokens else 1)
         # not "head": peft matches modules_to_save by name suffix, and timm backbones have a `head` of their own
-        self.atypia_head = nn.Linear(2 * backbone.embed_dim, 1)
+        self.atypia_head = nn.Linear(dim, 1)
 
     @property
     def embedding_dim(self) -> int:
         return self.atypia_head.in_features
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.backbone.forward_features(x)
-        return torch.cat([tokens[:, 0], tokens[:, self.num_prefix_tokens :].mean(dim=1)], dim=-1)
+        features = self.backbone.forward_features(x)
+        if not self.num_prefix_tokens:
+            return features.mean(dim=(2, 3))
+        return torch.cat([features[:, 0], features[:, self.num_prefix_tokens :].mean(dim=1)], dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.atypia_head(self.embed(x)).squeeze(-1)

@@ -1,15 +1,20 @@
-"""LoRA fine-tuning over slide-grouped folds.
+"""Training over slide-grouped folds: one loop for every adaptation mode (see ``training.adapt``).
 
 Run folder (nnU-Net style)::
 
-    RUN_DIR/config.yaml          the resolved config
+    RUN_DIR/config.yaml          the resolved config; a rerun with another config is refused
     RUN_DIR/splits.json          validation image ids per fold
-    RUN_DIR/fold_<k>/adapter/    peft adapter + head of the best epoch
+    RUN_DIR/fold_<k>/adapter/    best epoch's peft adapter + head (lora), or
+    RUN_DIR/fold_<k>/weights.safetensors   best epoch's learned weights (linear, full)
+    RUN_DIR/fold_<k>/checkpoint.pt         end of the last epoch, to resume after a kill
     RUN_DIR/fold_<k>/log.csv     one row per epoch
-    RUN_DIR/fold_<k>/best.json   best epoch and its validation figures; written last, it marks the fold finished
     RUN_DIR/fold_<k>/val.csv     the best epoch's predictions on the held-out fold
+    RUN_DIR/fold_<k>/best.json   best epoch and its validation figures; written last, it marks the fold finished
     RUN_DIR/oof.csv              all folds' held-out predictions (image_id, fold, label, prob_atypical, domain)
     RUN_DIR/summary.json         threshold chosen on the pooled out-of-fold predictions, and its figures
+
+Rerunning the same command skips finished folds and resumes an interrupted one from its checkpoint, RNG states
+included, so a killed run ends where an uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -18,15 +23,16 @@ import csv
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm import tqdm
 
-from training.config import LoraSettings, TrainConfig, load_config, save_config
+from training.adapt import learned_state, param_groups, prepare, restore_learned_state, save_fold_model, set_train_mode
+from training.config import TrainConfig, load_config, save_config
 from training.data import Figure, decode_figures, read_midog25
 from training.metrics import choose_threshold, summarize
 from training.model import Preprocess, build_classifier
@@ -35,28 +41,34 @@ from training.splits import load_or_create_splits
 log = logging.getLogger(__name__)
 
 FINISHED_MARKER = "best.json"
+CHECKPOINT = "checkpoint.pt"
 
-
-def apply_lora(model: torch.nn.Module, settings: LoraSettings) -> PeftModel:
-    """Adapters on the target projections; the classifier head is trained in full and saved with them."""
-    config = LoraConfig(
-        r=settings.rank,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=settings.target_modules,
-        modules_to_save=["atypia_head"],
-        bias="none",
-    )
-    return get_peft_model(model, config)
+# Ruifrok & Johnston's stain vectors (rows: hematoxylin, eosin, DAB) for H&E colour deconvolution
+RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
 
 
 def augment_d4(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random flips and quarter turns of uint8 [N, H, W, 3]: a mitotic figure has no canonical orientation."""
+    """Random flips and quarter turns of [N, H, W, 3]: a mitotic figure has no canonical orientation."""
     out = []
     for img, (flip, turns) in zip(batch, torch.randint(0, 4, (len(batch), 2), generator=generator), strict=True):
         img = torch.rot90(img, int(turns), dims=(0, 1))
         out.append(img.flip(1) if flip % 2 else img)
     return torch.stack(out)
+
+
+def augment_stain(batch: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """HED jitter: scale and shift each stain's optical density per image, as labs and scanners differ.
+
+    [N, H, W, 3] uint8 in, float in [0, 255] out (``Preprocess`` takes either).
+    """
+    od = -torch.log((batch.float() + 1) / 256)
+    concentrations = od @ HED_FROM_RGB
+    n = len(batch)
+    alpha = 1 + (torch.rand(n, 1, 1, 3, generator=generator) * 2 - 1) * strength
+    beta = (torch.rand(n, 1, 1, 3, generator=generator) * 2 - 1) * strength
+    od = (concentrations * alpha + beta) @ RGB_FROM_HED
+    return (256 * torch.exp(-od) - 1).clamp(0, 255)
 
 
 @torch.no_grad()
@@ -77,12 +89,17 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def _save_atomically(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
 def train_fold(
     cfg: TrainConfig, fold: int, figures: list[Figure], pixels: np.ndarray, val_ids: set[str], run_dir: Path
 ) -> dict:
     fold_dir = run_dir / f"fold_{fold}"
     fold_dir.mkdir(parents=True, exist_ok=True)
-    (fold_dir / FINISHED_MARKER).unlink(missing_ok=True)  # a rerun that dies must not look finished
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed + fold)
     generator = torch.Generator().manual_seed(cfg.seed + fold)
@@ -95,13 +112,8 @@ def train_fold(
 
     classifier = build_classifier(cfg.backbone, cfg.weights, head_seed=cfg.seed + fold)
     preprocess = Preprocess.for_backbone(classifier.backbone).to(device)
-    model = apply_lora(classifier, cfg.lora).to(device)
-    head_params = [p for n, p in model.named_parameters() if p.requires_grad and ".atypia_head." in n]
-    adapter_params = [p for n, p in model.named_parameters() if p.requires_grad and ".atypia_head." not in n]
-    optimizer = torch.optim.AdamW(
-        [{"params": adapter_params, "lr": cfg.lr}, {"params": head_params, "lr": cfg.head_lr}],
-        weight_decay=cfg.weight_decay,
-    )
+    model = prepare(classifier, cfg).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     # class-weighted BCE: atypical figures are the minority (about 1 in 4 to 1 in 6)
     pos_weight = torch.tensor((train_y == 0).sum() / max(1.0, (train_y == 1).sum()), device=device)
@@ -110,21 +122,28 @@ def train_fold(
     steps_per_epoch = math.ceil(len(train_x) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_fraction * total_steps)
-    best: dict = {"balanced_accuracy": -1.0}
-    log_rows = []
-    step = 0
-    for epoch in range(cfg.epochs):
-        model.train()
+    state = {"epoch": 0, "best": {"balanced_accuracy": -1.0}, "log_rows": []}
+    if (fold_dir / CHECKPOINT).is_file():
+        state = torch.load(fold_dir / CHECKPOINT, map_location=device, weights_only=False)
+        restore_learned_state(model, state.pop("model"))
+        optimizer.load_state_dict(state.pop("optimizer"))
+        torch.set_rng_state(state.pop("torch_rng"))
+        generator.set_state(state.pop("generator_rng"))
+        log.info("fold %d: resuming after epoch %d", fold, state["epoch"])
+
+    for epoch in range(state["epoch"], cfg.epochs):
+        set_train_mode(model, cfg)
         order = torch.randperm(len(train_x), generator=generator).numpy()
         started, losses = time.perf_counter(), []
-        bar = tqdm(
-            range(steps_per_epoch), desc=f"fold {fold} epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None
-        )
-        for i in bar:
+        desc = f"fold {fold} epoch {epoch + 1}/{cfg.epochs}"
+        for i in (bar := tqdm(range(steps_per_epoch), desc=desc, leave=False, disable=None)):
+            step = epoch * steps_per_epoch + i
             idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             batch = torch.from_numpy(train_x[idx])
             if cfg.augment:
                 batch = augment_d4(batch, generator)
+            if cfg.stain_jitter:
+                batch = augment_stain(batch, cfg.stain_jitter, generator)
             x = preprocess(batch.to(device))
             y = torch.from_numpy(train_y[idx]).to(device)
             for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
@@ -136,24 +155,30 @@ def train_fold(
             optimizer.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses):.3f}")
-            step += 1
 
         val_p = predict_probs(model, preprocess, val_x, cfg.eval_batch_size, device)
         metrics = summarize(val_y, val_p, threshold=0.5)
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "seconds": time.perf_counter() - started}
         row.update({k: metrics[k] for k in ("balanced_accuracy", "roc_auc", "sensitivity", "specificity")})
-        log_rows.append(row)
+        state["log_rows"].append(row)
         log.info("fold %d epoch %d: loss %.4f val BA %.4f AUC %.4f", fold, epoch + 1, row["train_loss"],
                  metrics["balanced_accuracy"], metrics["roc_auc"])  # fmt: skip
         # model selection on balanced accuracy, the challenge's ranking metric; AUC breaks ties
+        best = state["best"]
         if (metrics["balanced_accuracy"], metrics["roc_auc"]) > (best["balanced_accuracy"], best.get("roc_auc", -1)):
-            best = {"epoch": epoch + 1, **metrics}
-            model.save_pretrained(fold_dir / "adapter")
+            state["best"] = {"epoch": epoch + 1, **metrics}
+            save_fold_model(model, cfg, fold_dir)
             _write_predictions(fold_dir / "val.csv", val_figs, fold, val_p)
+        state["epoch"] = epoch + 1
+        _save_atomically(
+            {**state, "model": learned_state(model, cfg), "optimizer": optimizer.state_dict(),
+             "torch_rng": torch.get_rng_state(), "generator_rng": generator.get_state()},
+            fold_dir / CHECKPOINT,
+        )  # fmt: skip
 
-    _write_rows(fold_dir / "log.csv", log_rows)
-    (fold_dir / FINISHED_MARKER).write_text(json.dumps(best, indent=1))
-    return best
+    _write_rows(fold_dir / "log.csv", state["log_rows"])
+    (fold_dir / FINISHED_MARKER).write_text(json.dumps(state["best"], indent=1))
+    return state["best"]
 
 
 def _write_rows(path: Path, rows: list[dict]) -> None:
@@ -212,6 +237,9 @@ def train_run(cfg: TrainConfig, data_root: Path, run_dir: Path, folds: list[int]
     for fold in folds if folds is not None else range(cfg.folds):
         if not 0 <= fold < cfg.folds:
             raise ValueError(f"fold {fold} outside 0..{cfg.folds - 1}")
+        if fold not in unfinished_folds(run_dir, cfg.folds):
+            log.info("fold %d already finished; skipping", fold)
+            continue
         best = train_fold(cfg, fold, figures, pixels, set(val_folds[fold]), run_dir)
         log.info("fold %d best epoch %d: BA %.4f", fold, best["epoch"], best["balanced_accuracy"])
     if not unfinished_folds(run_dir, cfg.folds):

@@ -1,0 +1,90 @@
+"""How a fold's classifier learns, and what of it is saved: LoRA adapters, a linear probe, or full fine-tuning.
+
+- ``lora``: peft adapters on the configured projections, the head trained in full; saved as a peft adapter folder
+  and merged into the base at export.
+- ``linear``: the backbone frozen (and kept in eval mode, so batch-norm statistics do not drift), only the head
+  learns; saved as the head's weights.
+- ``full``: every weight learns (the mode for task-specific models trained from scratch); saved as the whole
+  state dict.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from training.config import LoraSettings, TrainConfig
+from training.model import Classifier, build_classifier
+
+HEAD = "atypia_head"
+ADAPTER_DIR = "adapter"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+def apply_lora(model: nn.Module, settings: LoraSettings) -> PeftModel:
+    """Adapters on the target projections; the classifier head is trained in full and saved with them."""
+    config = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
+        modules_to_save=[HEAD],
+        bias="none",
+    )
+    return get_peft_model(model, config)
+
+
+def prepare(classifier: Classifier, cfg: TrainConfig) -> nn.Module:
+    """The module the optimizer trains, with ``requires_grad`` set for the mode."""
+    if cfg.mode == "lora":
+        return apply_lora(classifier, cfg.lora)
+    classifier.backbone.requires_grad_(cfg.mode == "full")
+    return classifier
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """The freshly initialized head learns at ``head_lr``, everything else trainable at ``lr``."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    head = [p for n, p in trainable if f"{HEAD}." in n]
+    rest = [p for n, p in trainable if f"{HEAD}." not in n]
+    return [g for g in ({"params": rest, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr}) if g["params"]]
+
+
+def set_train_mode(model: nn.Module, cfg: TrainConfig) -> None:
+    model.train()
+    if cfg.mode == "linear":
+        model.backbone.eval()
+
+
+def learned_state(model: nn.Module, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """What differs from a freshly built base: trainable parameters, plus buffers when the whole model learns."""
+    if cfg.mode == "full":
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def restore_learned_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    missing = set(state) - set(model.state_dict())
+    if missing:
+        raise ValueError(f"checkpoint has weights the model lacks: {sorted(missing)[:3]}")
+    model.load_state_dict(state, strict=False)
+
+
+def save_fold_model(model: nn.Module, cfg: TrainConfig, fold_dir: Path) -> None:
+    if cfg.mode == "lora":
+        model.save_pretrained(fold_dir / ADAPTER_DIR)
+    else:
+        save_file({k: v.contiguous() for k, v in learned_state(model, cfg).items()}, fold_dir / WEIGHTS_FILE)
+
+
+def load_fold_model(cfg: TrainConfig, fold_dir: Path) -> nn.Module:
+    """The fold's best model as trained: a PeftModel (unmerged) for LoRA, else the Classifier with its weights."""
+    base = build_classifier(cfg.backbone, cfg.weights)
+    if cfg.mode == "lora":
+        return PeftModel.from_pretrained(base, fold_dir / ADAPTER_DIR).eval()
+    restore_learned_state(base, load_file(fold_dir / WEIGHTS_FILE))
+    return base.eval()

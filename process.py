@@ -147,16 +147,19 @@ class OnnxEnsemble:
         if wants_cuda and self.provider != "CUDAExecutionProvider":
             log.warning("CUDA provider did not load; running on %s", self.provider)
 
-    def predict(self, pages: list[np.ndarray]) -> np.ndarray:
-        """P(atypical) per page, in page order; pages of one size go through as one batch."""
+    def predict(self, pages: list[np.ndarray], max_batch: int = MAX_PAGES) -> np.ndarray:
+        """P(atypical) per page, in page order; pages of one size go through together, ``max_batch`` at a time
+        (a challenge stack is one batch; ``python -m training predict`` runs whole datasets through here)."""
         probs = np.empty(len(pages), dtype=np.float64)
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, page in enumerate(pages):
             by_shape.setdefault(page.shape, []).append(i)
-        for indices in by_shape.values():
-            batch = np.ascontiguousarray(np.stack([pages[i] for i in indices]))
-            (out,) = self.session.run([self.manifest.output_name], {self.manifest.input_name: batch})
-            probs[indices] = out.astype(np.float64)
+        for same_shape in by_shape.values():
+            for start in range(0, len(same_shape), max_batch):
+                indices = same_shape[start : start + max_batch]
+                batch = np.ascontiguousarray(np.stack([pages[i] for i in indices]))
+                (out,) = self.session.run([self.manifest.output_name], {self.manifest.input_name: batch})
+                probs[indices] = out.astype(np.float64)
         return probs
 
 

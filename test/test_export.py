@@ -98,3 +98,19 @@ def test_a_run_folder_refuses_a_different_config(demo_run):
     cfg = load_config(demo_run["run"] / "config.yaml")
     with pytest.raises(ValueError, match="different config"):
         train_run(cfg.model_copy(update={"epochs": cfg.epochs + 1}), demo_run["data"], demo_run["run"])
+
+
+def test_predict_scores_a_dataset_through_the_serving_path(demo_run, tmp_path):
+    from conftest import run_cli
+
+    from contracts import ModelManifest
+
+    out = tmp_path / "preds.csv"
+    run_cli("-m", "training", "predict", demo_run["model"], "--data-root", demo_run["data"], "--output", out,
+            "--device", "cpu")  # fmt: skip
+    rows = out.read_text().splitlines()
+    assert rows[0] == "image_id,label,prob_atypical,pred,domain" and len(rows) == 601
+    threshold = ModelManifest.load(demo_run["model"]).threshold
+    for row in rows[1:]:
+        _, label, prob, pred, _ = row.split(",")
+        assert int(pred) == (float(prob) >= threshold) and label in ("0", "1")

@@ -1,4 +1,4 @@
-"""``python -m training <command>``: synth | case | train | export."""
+"""``python -m training <command>``: synth | case | train | export | predict."""
 
 from __future__ import annotations
 
@@ -38,6 +38,12 @@ def _export(args: argparse.Namespace) -> None:
     export_run(args.run_dir, args.output)
 
 
+def _predict(args: argparse.Namespace) -> None:
+    from training.predict import predict_folder
+
+    predict_folder(args.model_dir, args.data_root, args.output, device=args.device)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
@@ -70,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--output", type=Path, required=True, help="model folder")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("predict", help="run an exported model on a MIDOG25-layout folder, as the container does")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--data-root", type=Path, required=True)
+    p.add_argument("--output", type=Path, required=True, help="CSV: image_id, label, prob_atypical, pred, domain")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.set_defaults(func=_predict)
     return parser
 
 

@@ -1,0 +1,90 @@
+"""The training loop's modes, resume after a kill, and augmentations."""
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from conftest import DEMO_CONFIG
+
+import training.train as train_module
+from training.config import load_config
+from training.export import export_run
+from training.synthetic import write_midog25
+from training.train import augment_d4, augment_stain, train_run
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("small")
+    write_midog25(root, n=90, seed=3, n_slides=9)
+    return root
+
+
+def read_oof(run_dir):
+    with (run_dir / "oof.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(small_data, tmp_path, monkeypatch):
+    cfg = load_config(DEMO_CONFIG, {"epochs": 3})
+    train_run(cfg, small_data, tmp_path / "uninterrupted")
+
+    real_save = train_module._save_atomically
+    saves = []
+
+    def save_then_die(obj, path):
+        real_save(obj, path)
+        saves.append(path)
+        if len(saves) == 5:  # fold 1, after its second epoch's checkpoint
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_save_atomically", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, small_data, tmp_path / "killed")
+    assert not (tmp_path / "killed" / "fold_1" / "best.json").exists()
+    monkeypatch.setattr(train_module, "_save_atomically", real_save)
+
+    train_run(cfg, small_data, tmp_path / "killed")  # the same command again
+    assert read_oof(tmp_path / "killed") == read_oof(tmp_path / "uninterrupted")
+    for k in range(3):
+        log_a = (tmp_path / "uninterrupted" / f"fold_{k}" / "log.csv").read_text().splitlines()
+        log_b = (tmp_path / "killed" / f"fold_{k}" / "log.csv").read_text().splitlines()
+        assert [r.split(",")[:2] for r in log_a] == [r.split(",")[:2] for r in log_b]  # epochs and losses
+
+
+@pytest.mark.parametrize("mode", ["full", "linear"])
+def test_other_modes_train_and_export(small_data, tmp_path, mode):
+    cfg = load_config(DEMO_CONFIG, {"epochs": 1, "mode": mode})
+    summary = train_run(cfg, small_data, tmp_path / "run")
+    assert 0 <= summary["oof"]["balanced_accuracy"] <= 1
+    assert (tmp_path / "run" / "fold_0" / "weights.safetensors").is_file()
+    assert not (tmp_path / "run" / "fold_0" / "adapter").exists()
+    manifest = export_run(tmp_path / "run", tmp_path / "model")
+    assert manifest.training_config["mode"] == mode
+
+
+def test_linear_probe_leaves_the_backbone_untouched(small_data, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = load_config(DEMO_CONFIG, {"epochs": 1, "mode": "linear"})
+    train_run(cfg, small_data, tmp_path / "run")
+    saved = load_file(tmp_path / "run" / "fold_0" / "weights.safetensors")
+    assert set(saved) == {"atypia_head.weight", "atypia_head.bias"}
+
+
+def test_d4_augmentation_only_moves_pixels():
+    batch = torch.randint(0, 256, (16, 8, 8, 3), dtype=torch.uint8)
+    out = augment_d4(batch, torch.Generator().manual_seed(0))
+    for a, b in zip(batch, out, strict=True):
+        assert sorted(a.flatten().tolist()) == sorted(b.flatten().tolist())
+    assert not torch.equal(batch, out)
+
+
+def test_stain_jitter_is_identity_at_zero_and_bounded():
+    batch = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8)
+    same = augment_stain(batch, 0.0, torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(same.numpy(), batch.float().numpy(), atol=1e-3)
+    jittered = augment_stain(batch, 0.1, torch.Generator().manual_seed(0))
+    assert jittered.min() >= 0 and jittered.max() <= 255
+    assert 0.5 < (jittered - batch.float()).abs().mean() < 40

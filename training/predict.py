@@ -1,0 +1,31 @@
+"""Score a dataset folder with an exported model through the container's own inference path (``process.py``)."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+from contracts import classify
+from process import OnnxEnsemble
+from training.data import decode_figures, read_midog25
+
+log = logging.getLogger(__name__)
+
+PREDICTION_COLUMNS = ("image_id", "label", "prob_atypical", "pred", "domain")
+
+
+def predict_folder(model_dir: Path, data_root: Path, output: Path, device: str = "auto", batch: int = 64) -> None:
+    figures = read_midog25(data_root)
+    pixels = decode_figures(figures)
+    ensemble = OnnxEnsemble(model_dir, device)
+    probs = ensemble.predict(list(pixels), max_batch=batch)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(PREDICTION_COLUMNS)
+        for fig, p in zip(figures, probs, strict=True):
+            pred = int(classify(float(p), ensemble.manifest.threshold) == "atypical")
+            writer.writerow([fig.image_id, fig.label, repr(float(p)), pred, fig.scanner])
+    log.info("wrote %d predictions to %s (%s, threshold %.4f)", len(figures), output, ensemble.provider,
+             ensemble.manifest.threshold)  # fmt: skip

@@ -38,6 +38,7 @@ class TrainConfig(_Strict):
     head_lr: float = Field(1e-3, gt=0, description="the freshly initialized head learns faster than the adapters")
     weight_decay: float = Field(0.01, ge=0)
     warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    patience: int | None = Field(None, ge=1, description="stop a fold after this many epochs without a better BA")
     augment: bool = Field(True, description="random flips and quarter turns")
     stain_jitter: float = Field(0.0, ge=0, lt=1, description="HED stain jitter strength (0 = off), for scanner shift")
     eval_batch_size: int = Field(64, ge=1)

@@ -27,7 +27,7 @@ from training.config import load_config
 from training.data import decode_figures, read_midog25
 from training.model import Classifier, Ensemble, Preprocess
 from training.synthetic import synthetic_figures
-from training.train import unfinished_folds
+from training.train import PROVENANCE, unfinished_folds
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class ExportCheckError(RuntimeError):
 
 def verification_pixels(run_dir: Path, n: int = 16) -> np.ndarray:
     """Real-looking uint8 patches: held-out figures of the run's own data when reachable, else synthetic ones."""
-    data_root = Path(json.loads((run_dir / "data.json").read_text())["data_root"])
+    data_root = Path(json.loads((run_dir / PROVENANCE).read_text())["data_root"])
     try:
         figures = read_midog25(data_root)
         step = max(1, len(figures) // n)

@@ -3,6 +3,7 @@
 Run folder (nnU-Net style)::
 
     RUN_DIR/config.yaml          the resolved config; a rerun with another config is refused
+    RUN_DIR/provenance.json      data root, git commit, library versions
     RUN_DIR/splits.json          validation image ids per fold
     RUN_DIR/fold_<k>/adapter/    best epoch's peft adapter + head (lora), or
     RUN_DIR/fold_<k>/weights.safetensors   best epoch's learned weights (linear, full)
@@ -24,6 +25,7 @@ import json
 import logging
 import math
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 
 FINISHED_MARKER = "best.json"
 CHECKPOINT = "checkpoint.pt"
+PROVENANCE = "provenance.json"
 
 # Ruifrok & Johnston's stain vectors (rows: hematoxylin, eosin, DAB) for H&E colour deconvolution
 RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
@@ -132,6 +135,9 @@ def train_fold(
         log.info("fold %d: resuming after epoch %d", fold, state["epoch"])
 
     for epoch in range(state["epoch"], cfg.epochs):
+        if cfg.patience and epoch - state["best"].get("epoch", 0) >= cfg.patience:
+            log.info("fold %d: no better balanced accuracy for %d epochs; stopping early", fold, cfg.patience)
+            break
         set_train_mode(model, cfg)
         order = torch.randperm(len(train_x), generator=generator).numpy()
         started, losses = time.perf_counter(), []
@@ -223,6 +229,22 @@ def pool_out_of_fold(run_dir: Path, n_folds: int) -> dict:
     return summary
 
 
+def provenance(data_root: Path) -> dict:
+    """Where a run came from: its data and the code and library versions that trained it."""
+    import peft
+    import timm
+
+    try:
+        repo = Path(__file__).resolve().parents[1]
+        sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain"], capture_output=True, text=True)
+        git = sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        git = None
+    versions = {"torch": torch.__version__, "timm": timm.__version__, "peft": peft.__version__}
+    return {"data_root": str(data_root.resolve()), "git": git, "versions": versions}
+
+
 def train_run(cfg: TrainConfig, data_root: Path, run_dir: Path, folds: list[int] | None = None) -> dict | None:
     """Train the requested folds (all by default); pool out-of-fold predictions once every fold has finished."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -230,7 +252,7 @@ def train_run(cfg: TrainConfig, data_root: Path, run_dir: Path, folds: list[int]
     if config_path.is_file() and load_config(config_path) != cfg:
         raise ValueError(f"{config_path} holds a different config: use a new run folder (or the same config)")
     save_config(cfg, config_path)
-    (run_dir / "data.json").write_text(json.dumps({"data_root": str(data_root.resolve())}))
+    (run_dir / PROVENANCE).write_text(json.dumps(provenance(data_root), indent=1))
     figures = read_midog25(data_root)
     pixels = decode_figures(figures)
     val_folds = load_or_create_splits(run_dir, figures, cfg.folds, cfg.seed)

@@ -15,7 +15,6 @@ from training.backbones import (
     TINY_VIRCHOW_CFG,
     VIRCHOW_LAYERS,
     WeightsUnavailableError,
-    build_virchow,
     create_backbone,
     load_pretrained_vit,
 )
@@ -52,6 +51,38 @@ def test_tiny_virchow_is_rebuilt_identically():
         assert torch.equal(pa, pb), name
 
 
+@pytest.mark.parametrize(
+    ("name", "prefix_tokens", "embedding"),
+    [("tiny-virchow", 1, 192), ("tiny-virchow2", 5, 192), ("tiny-uni", 1, 96), ("tiny-uni2-h", 9, 96),
+     ("tiny-h-optimus-0", 5, 96)],
+)  # fmt: skip
+def test_foundation_stand_ins_pool_as_their_models_do(name, prefix_tokens, embedding):
+    clf = build_classifier(name).eval()
+    assert clf.num_prefix_tokens == prefix_tokens and clf.embedding_dim == embedding
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        tokens = clf.backbone.forward_features(x)
+        cls, patches = tokens[:, 0], tokens[:, prefix_tokens:]  # registers are neither CLS nor patches
+        expected = torch.cat([cls, patches.mean(1)], dim=-1) if clf.pooling == "cls+mean" else cls
+        assert torch.allclose(clf.embed(x), expected)
+    patch = clf.backbone.patch_embed.patch_size[0]
+    assert patches.shape[1] == (112 // patch) ** 2  # exactly the patches: no register among them
+    if name == "tiny-h-optimus-0":
+        assert (
+            Preprocess.for_backbone(clf.backbone).shift[0, 0, 0, 0]
+            != Preprocess.for_backbone(create_backbone("tiny-uni")).shift[0, 0, 0, 0]
+        )  # its own mean/std
+
+
+@pytest.mark.parametrize("name", ["efficientnetv2-b0-scratch", "resnet18-scratch", "custom-vit-scratch"])
+def test_task_specific_models_take_native_128px_patches(name):
+    clf = build_classifier(name).eval()
+    pre = Preprocess.for_backbone(clf.backbone)
+    assert pre.size == (128, 128)
+    with torch.no_grad():
+        assert clf(pre(torch.zeros(2, 128, 128, 3, dtype=torch.uint8))).shape == (2,)
+
+
 def test_embedding_is_cls_plus_mean_of_patch_tokens():
     clf = build_classifier("tiny-virchow").eval()
     x = torch.randn(2, 3, 112, 112)
@@ -86,27 +117,28 @@ def test_local_dir_loads_a_virchow_style_folder(tmp_path):
 
 
 def test_virchow_loads_offline_from_the_hf_cache(tmp_path, monkeypatch):
-    """build_virchow's real path: 'hf-hub:paige-ai/Virchow' resolved in the local cache, nothing downloaded."""
+    """Virchow's real loading path: 'hf-hub:paige-ai/Virchow' resolved in the local cache, nothing downloaded."""
     snapshot = tmp_path / "hub" / "models--paige-ai--Virchow" / "snapshots" / "0123abcd"
     _save_timm_folder(create_backbone("tiny-virchow"), snapshot)
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    model = build_virchow(None)
+    model = create_backbone("virchow")
     assert isinstance(model.blocks[0].mlp, GluMlp) and isinstance(model.blocks[0].mlp.act, nn.SiLU)
 
 
 def test_missing_virchow_weights_say_how_to_get_them(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
     with pytest.raises(WeightsUnavailableError, match="hf auth login"):
-        build_virchow(None)
+        create_backbone("virchow")
     with pytest.raises(WeightsUnavailableError, match=r"config\.json"):
-        build_virchow(f"local-dir:{tmp_path}")
+        create_backbone("virchow", f"local-dir:{tmp_path}")
 
 
 def test_unknown_backbone_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"known: .*tiny-virchow, virchow"):
+    with pytest.raises(ValueError, match=r"unknown backbone 'resnet'; known: .*tiny-virchow, .*virchow2") as err:
         create_backbone("resnet")
+    assert all(name in str(err.value) for name in ("uni", "uni2-h", "h-optimus-0", "custom-vit-scratch"))
 
 
 def test_lora_targets_attention_projections_only():

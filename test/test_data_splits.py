@@ -1,4 +1,4 @@
-"""The MIDOG25 reader and the slide-grouped folds, on the real breast subset and the official CSV's schema."""
+"""The dataset readers and the fold strategies, on the real breast subset and the official tables."""
 
 import csv
 import json
@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from conftest import shared_path
 
+from training.config import TrainConfig
 from training.data import MIDOG25_COLUMNS, MIDOG25_CSV, DataError, decode_figures, normalize_scanner, read_midog25
-from training.splits import SPLITS_FILE, load_or_create_splits, slide_grouped_folds
+from training.splits import SPLITS_FILE, load_or_create_splits, make_folds, slide_grouped_folds
 from training.synthetic import write_midog25
 
 
@@ -62,12 +63,31 @@ def test_real_subset_folds_are_grouped_by_slide_and_stratified(breast_subset):
 
 
 def test_splits_are_persisted_and_reused(tmp_path, breast_subset):
-    folds = load_or_create_splits(tmp_path, breast_subset, n_folds=3, seed=1)
+    folds = load_or_create_splits(tmp_path, breast_subset, TrainConfig(seed=1))
     saved = json.loads((tmp_path / SPLITS_FILE).read_text())
-    assert saved["val_ids"] == folds and saved["seed"] == 1
-    assert load_or_create_splits(tmp_path, breast_subset, n_folds=3, seed=999) == folds  # reused, not redrawn
+    assert saved["val_ids"] == folds and saved["seed"] == 1 and saved["split"] == "slide"
+    assert load_or_create_splits(tmp_path, breast_subset, TrainConfig(seed=999)) == folds  # reused, not redrawn
     with pytest.raises(ValueError, match="other data"):
-        load_or_create_splits(tmp_path, breast_subset[:100], n_folds=3, seed=1)
+        load_or_create_splits(tmp_path, breast_subset[:100], TrainConfig(seed=1))
+
+
+def test_leave_one_scanner_out_holds_out_exactly_one_scanner(breast_subset):
+    folds = make_folds(breast_subset, TrainConfig(split="domain", domain="scanner", folds=3))
+    by_id = {f.image_id: f for f in breast_subset}
+    held_out = [{by_id[i].scanner for i in fold} for fold in folds]
+    assert held_out == [{"Aperio CS2"}, {"Hamamatsu S360"}, {"Hamamatsu XR"}]
+    assert sum(map(len, folds)) == len(breast_subset)
+    with pytest.raises(ValueError, match="set folds: 3"):
+        make_folds(breast_subset, TrainConfig(split="domain", domain="scanner", folds=4))
+
+
+def test_random_folds_are_stratified_but_leak_slides(breast_subset):
+    folds = make_folds(breast_subset, TrainConfig(split="random", seed=0))
+    by_id = {f.image_id: f for f in breast_subset}
+    slides = [{by_id[i].slide for i in fold} for fold in folds]
+    assert slides[0] & slides[1], "image-level folds share slides: why 'slide' is the default"
+    overall = np.mean([f.label for f in breast_subset])
+    assert all(abs(np.mean([by_id[i].label for i in fold]) - overall) < 0.02 for fold in folds)
 
 
 def _tiny_dataset(tmp_path, n=12):
@@ -89,7 +109,7 @@ def test_bad_labels_and_duplicates_are_named(tmp_path):
     with pytest.raises(DataError, match=r"row 4: 'MAYBE'"):
         read_midog25(root)
     _rewrite_csv(root, lambda rows: (rows[3].__setitem__(-1, "NMF"), rows[5].__setitem__(0, rows[2][0])))
-    with pytest.raises(DataError, match=r"duplicate image_id: 1\.png"):
+    with pytest.raises(DataError, match=r"different content: 1\.png"):
         read_midog25(root)
 
 
@@ -108,3 +128,83 @@ def test_missing_wrong_size_and_unreadable_images_are_named(tmp_path):
 def test_folder_without_the_csv_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="MIDOG25 layout"):
         read_midog25(tmp_path)
+
+
+def _amibr_from_breast_subset(root, breast_subset, tupac_rows=5):
+    """An AMi-Br-layout folder built from the real subset: its MIDOG21 rows are MIDOG25's figures (same slide and
+    coordinates), plus a few TUPAC16 rows that MIDOG25 does not have."""
+    import os
+
+    rows = []
+    for uid, f in enumerate(breast_subset):
+        rows.append(("MIDOG21", uid, f.slide, f.coordinates, f.votes, f))
+    for uid, f in enumerate(breast_subset[:tupac_rows]):
+        rows.append(("TUPAC16", uid, f"TUPAC-{uid:03d}", (uid, uid), f.votes, f))
+    for kind in ("normal", "atypical"):
+        (root / "patches" / kind).mkdir(parents=True)
+    with (root / "AMI-BR.csv").open("w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["slide", "dataset", "uid", "x", "y", "expert1_label", "expert2_label", "expert1_atypical",
+                         "expert2_atypical", "expert3_atypical", "majority_atypical"])  # fmt: skip
+        for dataset, uid, slide, (x, y), votes, f in rows:
+            calls = [str(bool(v)) for v in votes] + [""] * (3 - len(votes))
+            writer.writerow([slide, dataset, uid, x, y, "", "", *calls, str(bool(f.label))])
+            kind = "atypical" if f.label else "normal"
+            os.symlink(f.path, root / "patches" / kind / f"{dataset}_{uid}.png")
+    return root
+
+
+def test_amibr_reads_and_its_midog21_figures_merge_away(tmp_path, breast_subset):
+    from training.data import merge_datasets, read_amibr, read_dataset
+
+    root = _amibr_from_breast_subset(tmp_path / "amibr", breast_subset)
+    amibr = read_dataset(root)
+    assert len(amibr) == len(breast_subset) + 5
+    assert [f.label for f in amibr[: len(breast_subset)]] == [f.label for f in breast_subset]
+    assert {f.source for f in amibr} == {"AMi-Br"} and amibr[0].image_id.startswith("AMi-Br:")
+    pixels = decode_figures(amibr[:4])  # patches/{normal,atypical}/<dataset>_<uid>.png resolve
+    np.testing.assert_array_equal(pixels, decode_figures(breast_subset[:4]))
+    merged = merge_datasets([breast_subset, read_amibr(root)])
+    assert len(merged) == len(breast_subset) + 5  # every MIDOG21 figure was already in MIDOG25
+    assert sum(f.origin == "TUPAC16" for f in merged) == 5
+
+
+def test_midog21_slide_numbers_give_the_scanner_midog25_names(breast_subset):
+    from training.data import _midog21_scanner
+
+    assert all(_midog21_scanner(f.slide) == f.scanner for f in breast_subset)
+
+
+def test_real_omg_octo_table_reads_with_its_repeated_rows_dropped(caplog):
+    from training.data import read_dataset
+
+    figures = read_dataset(shared_path("metadata"))  # OMG-Octo.csv lives there (images are not included)
+    assert len(figures) == 1753  # 1757 rows, 4 exact repeats
+    assert "dropped 4 repeated row(s)" in caplog.text
+    assert {f.source for f in figures} == {"OMG-Octo"} and sum(f.label for f in figures) > 1300
+    with pytest.raises(DataError, match="bad image"):
+        decode_figures(figures[:3])
+
+
+def test_soft_labels_come_from_expert_votes(breast_subset):
+    assert all(len(f.votes) in (2, 3) for f in breast_subset)
+    assert all(round(f.soft_label) == f.label for f in breast_subset)  # the majority is the label
+    disputed = [f for f in breast_subset if f.soft_label not in (0.0, 1.0)]
+    assert disputed and all(f.soft_label in (1 / 3, 2 / 3) for f in disputed)
+
+
+def test_decoded_patches_are_cached_by_file_identity(tmp_path, breast_subset):
+    figures = breast_subset[:10]
+    first = decode_figures(figures, cache_dir=tmp_path)
+    (cache_file,) = tmp_path.glob("patches-*.npy")
+    np.testing.assert_array_equal(decode_figures(figures, cache_dir=tmp_path), first)
+    assert list(tmp_path.glob("patches-*.npy")) == [cache_file]
+    decode_figures(breast_subset[:11], cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("patches-*.npy"))) == 2  # other files, another key
+
+
+def test_unknown_folder_names_the_tables_it_looked_for(tmp_path):
+    from training.data import read_dataset
+
+    with pytest.raises(DataError, match=r"AMI-BR\.csv"):
+        read_dataset(tmp_path)

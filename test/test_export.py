@@ -97,7 +97,7 @@ def test_a_run_folder_refuses_a_different_config(demo_run):
 
     cfg = load_config(demo_run["run"] / "config.yaml")
     with pytest.raises(ValueError, match="different config"):
-        train_run(cfg.model_copy(update={"epochs": cfg.epochs + 1}), demo_run["data"], demo_run["run"])
+        train_run(cfg.model_copy(update={"epochs": cfg.epochs + 1}), [demo_run["data"]], demo_run["run"])
 
 
 def test_predict_scores_a_dataset_through_the_serving_path(demo_run, tmp_path):

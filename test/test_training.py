@@ -28,7 +28,7 @@ def read_oof(run_dir):
 
 def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(small_data, tmp_path, monkeypatch):
     cfg = load_config(DEMO_CONFIG, {"epochs": 3})
-    train_run(cfg, small_data, tmp_path / "uninterrupted")
+    train_run(cfg, [small_data], tmp_path / "uninterrupted")
 
     real_save = train_module._save_atomically
     saves = []
@@ -41,11 +41,11 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(small_dat
 
     monkeypatch.setattr(train_module, "_save_atomically", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train_run(cfg, small_data, tmp_path / "killed")
+        train_run(cfg, [small_data], tmp_path / "killed")
     assert not (tmp_path / "killed" / "fold_1" / "best.json").exists()
     monkeypatch.setattr(train_module, "_save_atomically", real_save)
 
-    train_run(cfg, small_data, tmp_path / "killed")  # the same command again
+    train_run(cfg, [small_data], tmp_path / "killed")  # the same command again
     assert read_oof(tmp_path / "killed") == read_oof(tmp_path / "uninterrupted")
     for k in range(3):
         log_a = (tmp_path / "uninterrupted" / f"fold_{k}" / "log.csv").read_text().splitlines()
@@ -56,7 +56,7 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(small_dat
 @pytest.mark.parametrize("mode", ["full", "linear"])
 def test_other_modes_train_and_export(small_data, tmp_path, mode):
     cfg = load_config(DEMO_CONFIG, {"epochs": 1, "mode": mode})
-    summary = train_run(cfg, small_data, tmp_path / "run")
+    summary = train_run(cfg, [small_data], tmp_path / "run")
     assert 0 <= summary["oof"]["balanced_accuracy"] <= 1
     assert (tmp_path / "run" / "fold_0" / "weights.safetensors").is_file()
     assert not (tmp_path / "run" / "fold_0" / "adapter").exists()
@@ -68,7 +68,7 @@ def test_linear_probe_leaves_the_backbone_untouched(small_data, tmp_path):
     from safetensors.torch import load_file
 
     cfg = load_config(DEMO_CONFIG, {"epochs": 1, "mode": "linear"})
-    train_run(cfg, small_data, tmp_path / "run")
+    train_run(cfg, [small_data], tmp_path / "run")
     saved = load_file(tmp_path / "run" / "fold_0" / "weights.safetensors")
     assert set(saved) == {"atypia_head.weight", "atypia_head.bias"}
 
@@ -88,3 +88,11 @@ def test_stain_jitter_is_identity_at_zero_and_bounded():
     jittered = augment_stain(batch, 0.1, torch.Generator().manual_seed(0))
     assert jittered.min() >= 0 and jittered.max() <= 255
     assert 0.5 < (jittered - batch.float()).abs().mean() < 40
+
+
+@pytest.mark.parametrize("path", sorted((DEMO_CONFIG.parent).glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_names_a_registered_backbone(path):
+    from training.backbones import BACKBONES
+
+    cfg = load_config(path)
+    assert cfg.backbone in BACKBONES and path.stem.startswith(cfg.name)

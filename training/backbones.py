@@ -1,11 +1,15 @@
-"""A small registry of feature extractors: name -> timm model whose ``forward_features`` the classifier pools.
+"""A small registry of feature extractors: name -> timm model + how the classifier pools its features.
 
-Foundation models are timm ViTs (pooled as CLS + mean of patch tokens); task-specific models are timm CNNs trained
-from scratch at the patches' native 128 px (pooled by global average). Preprocessing (input size, interpolation,
-mean/std) comes from each model's own ``pretrained_cfg``, never from constants elsewhere.
+- Pathology foundation models (ViTs) with their published creation arguments and pooling: Virchow and Virchow2
+  (CLS + mean of patch tokens; Virchow2's 4 register tokens are excluded from the mean), UNI, UNI2-h and
+  H-optimus-0 (CLS token). Each has a ``tiny-<name>`` stand-in: the same timm class, layers, prefix tokens and
+  pooling at a few blocks of small width, random init from a fixed seed, for tests and the demo.
+- Task-specific models trained from scratch at the patches' native 128 px (no upscaling): CNNs pooled by global
+  average, and ViTs pooled like the foundation models.
 
-Weights are never fetched at run time. ``hf-hub:<repo>`` sources are resolved in the local Hugging Face cache
-only; ``local-dir:<path>`` reads a folder holding timm's ``config.json`` and the weights file.
+Preprocessing (input size, interpolation, mean/std) comes from each model's own ``pretrained_cfg``. Weights are
+never fetched at run time: ``hf-hub:<repo>`` resolves in the local Hugging Face cache only, ``local-dir:<path>``
+reads a folder holding timm's ``config.json`` and the weights file.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import timm
 import torch
@@ -22,9 +27,17 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-VIRCHOW_SOURCE = "hf-hub:paige-ai/Virchow"
-# Virchow's MLP is a packed SwiGLU with SiLU; these are not in its config.json and must be passed explicitly.
+Pooling = Literal["cls+mean", "cls", "avg"]
+
+# Layer choices that the models' hub configs do not carry and their cards pass to timm.create_model.
 VIRCHOW_LAYERS = {"mlp_layer": SwiGLUPacked, "act_layer": nn.SiLU}
+UNI2_LAYERS = {
+    "img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5, "embed_dim": 1536,
+    "mlp_ratio": 2.66667 * 2, "num_classes": 0, "no_embed_class": True, "reg_tokens": 8, "dynamic_img_size": True,
+    **VIRCHOW_LAYERS,
+}  # fmt: skip
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+RANDOM_INIT_SEED = 20250801
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -35,6 +48,7 @@ class WeightsUnavailableError(RuntimeError):
 class BackboneSpec:
     name: str
     build: Callable[[str | None], nn.Module]  # weights source (None = the entry's default) -> timm model
+    pooling: Pooling
     description: str
 
 
@@ -68,38 +82,6 @@ def load_pretrained_vit(source: str, **layer_kwargs) -> nn.Module:
     return timm.create_model(f"local-dir:{folder}", pretrained=True, **layer_kwargs)
 
 
-def build_virchow(weights: str | None) -> nn.Module:
-    return load_pretrained_vit(weights or VIRCHOW_SOURCE, **VIRCHOW_LAYERS)
-
-
-# A Virchow-shaped stand-in: same timm class, packed SwiGLU + SiLU, LayerScale, patch 14, CLS token, same
-# normalization; 3 blocks of width 96 (96 * 5.3375 -> 512 hidden, even as SwiGLU needs). LayerScale starts at 1.0
-# rather than Virchow's 1e-5 init because the blocks stay frozen and random: a 1e-5 scale would mute them.
-TINY_VIRCHOW_ARGS = {
-    "img_size": 112,
-    "patch_size": 14,
-    "embed_dim": 96,
-    "depth": 3,
-    "num_heads": 3,
-    "mlp_ratio": 5.3375,
-    "init_values": 1.0,
-    "num_classes": 0,
-    "global_pool": "",
-    "dynamic_img_size": True,
-    **VIRCHOW_LAYERS,
-}
-TINY_VIRCHOW_CFG = {
-    "input_size": (3, 112, 112),
-    "interpolation": "bicubic",
-    "mean": (0.485, 0.456, 0.406),
-    "std": (0.229, 0.224, 0.225),
-    "crop_pct": 1.0,
-    "hf_hub_id": None,
-    "tag": "tiny-virchow",
-}
-RANDOM_INIT_SEED = 20250801
-
-
 def _random_init(architecture: str, **kwargs) -> nn.Module:
     """Random init from a fixed seed, so that training and export rebuild the very same (frozen) base."""
     with torch.random.fork_rng(devices=[]):
@@ -107,52 +89,123 @@ def _random_init(architecture: str, **kwargs) -> nn.Module:
         return timm.create_model(architecture, pretrained=False, **kwargs)
 
 
-def build_tiny_virchow(weights: str | None) -> nn.Module:
-    if weights:
-        return load_pretrained_vit(weights, **VIRCHOW_LAYERS)
-    return _random_init("vit_huge_patch14_224", pretrained_cfg_overlay=TINY_VIRCHOW_CFG, **TINY_VIRCHOW_ARGS)
+@dataclass(frozen=True)
+class FoundationModel:
+    name: str
+    source: str  # default weights source
+    layers: dict  # creation arguments beyond the hub config
+    pooling: Pooling
+    description: str
+    tiny_architecture: str  # timm entry the stand-in is built from, with tiny_args overriding its size
+    tiny_args: dict
+    tiny_cfg: dict
 
+    def build(self, weights: str | None) -> nn.Module:
+        return load_pretrained_vit(weights or self.source, **self.layers)
+
+    def build_tiny(self, weights: str | None) -> nn.Module:
+        if weights:
+            return load_pretrained_vit(weights, **self.layers)
+        return _random_init(self.tiny_architecture, pretrained_cfg_overlay=self.tiny_cfg, **self.tiny_args)
+
+
+def _tiny_cfg(name: str, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:
+    return {"input_size": (3, size, size), "interpolation": "bicubic", "mean": mean, "std": std, "crop_pct": 1.0,
+            "hf_hub_id": None, "tag": name}  # fmt: skip
+
+
+# Stand-ins: a few blocks of small width. Widths are chosen so that SwiGLU's hidden size is even (96 * 5.3375 ->
+# 512). LayerScale starts at 1.0 rather than 1e-5 because their blocks stay frozen and random under LoRA: a 1e-5
+# scale would mute them.
+_TINY = {"depth": 3, "num_heads": 3, "init_values": 1.0, "num_classes": 0, "dynamic_img_size": True}
+TINY_VIRCHOW_ARGS = {"img_size": 112, "patch_size": 14, "embed_dim": 96, "mlp_ratio": 5.3375, "global_pool": "",
+                     **_TINY, **VIRCHOW_LAYERS}  # fmt: skip
+TINY_VIRCHOW_CFG = _tiny_cfg("tiny-virchow", 112)
+
+FOUNDATION_MODELS = (
+    FoundationModel(
+        "virchow", "hf-hub:paige-ai/Virchow", VIRCHOW_LAYERS, "cls+mean",
+        "Paige Virchow ViT-H/14, 632M, CLS + mean patch token = 2560-d (gated)",
+        "vit_huge_patch14_224", TINY_VIRCHOW_ARGS, TINY_VIRCHOW_CFG,
+    ),
+    FoundationModel(
+        "virchow2", "hf-hub:paige-ai/Virchow2", VIRCHOW_LAYERS, "cls+mean",
+        "Paige Virchow2 ViT-H/14 with 4 registers, CLS + mean patch token = 2560-d (gated)",
+        "vit_huge_patch14_224", {**TINY_VIRCHOW_ARGS, "reg_tokens": 4}, _tiny_cfg("tiny-virchow2", 112),
+    ),
+    FoundationModel(
+        "uni", "hf-hub:MahmoodLab/UNI", {"init_values": 1e-5, "dynamic_img_size": True}, "cls",
+        "MahmoodLab UNI ViT-L/16, CLS = 1024-d (gated)",
+        "vit_large_patch16_224", {"img_size": 112, "embed_dim": 96, **_TINY}, _tiny_cfg("tiny-uni", 112),
+    ),
+    FoundationModel(
+        "uni2-h", "hf-hub:MahmoodLab/UNI2-h", UNI2_LAYERS, "cls",
+        "MahmoodLab UNI2-h ViT-H/14, SwiGLU, 8 registers, CLS = 1536-d (gated)",
+        "vit_huge_patch14_224",
+        {**UNI2_LAYERS, "img_size": 112, "embed_dim": 96, **_TINY},
+        _tiny_cfg("tiny-uni2-h", 112),
+    ),
+    FoundationModel(
+        "h-optimus-0", "hf-hub:bioptimus/H-optimus-0", {"init_values": 1e-5, "dynamic_img_size": False}, "cls",
+        "Bioptimus H-optimus-0 ViT-g/14 with 4 registers, CLS = 1536-d, its own mean/std (gated)",
+        "vit_giant_patch14_reg4_dinov2",
+        {"img_size": 112, "embed_dim": 96, "mlp_ratio": 4.0, **_TINY},
+        _tiny_cfg("tiny-h-optimus-0", 112, (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517)),
+    ),
+)  # fmt: skip
 
 # Task-specific models see the 128 px crop-outs as they are: no upscaling, bilinear for other page sizes.
-NATIVE_128_CFG = {
-    "input_size": (3, 128, 128),
-    "interpolation": "bilinear",
-    "mean": (0.485, 0.456, 0.406),
-    "std": (0.229, 0.224, 0.225),
-    "crop_pct": 1.0,
-}
+NATIVE_128_CFG = {"input_size": (3, 128, 128), "interpolation": "bilinear", "mean": IMAGENET_MEAN,
+                  "std": IMAGENET_STD, "crop_pct": 1.0}  # fmt: skip
 
 
-def scratch_cnn(architecture: str) -> Callable[[str | None], nn.Module]:
+def from_scratch(architecture: str, **kwargs) -> Callable[[str | None], nn.Module]:
     def build(weights: str | None) -> nn.Module:
         if weights:
             raise ValueError(f"{architecture} is trained from scratch here; it takes no weights source")
-        return _random_init(architecture, num_classes=0, pretrained_cfg_overlay=NATIVE_128_CFG)
+        return _random_init(architecture, num_classes=0, pretrained_cfg_overlay=NATIVE_128_CFG, **kwargs)
 
     return build
 
 
+# The small-patch study's model: a ViT designed for 128 px crop-outs, 8 px patches (16 x 16 tokens), no upscaling.
+CUSTOM_VIT_ARGS = {"img_size": 128, "patch_size": 8, "embed_dim": 192, "depth": 6, "num_heads": 3, "global_pool": ""}
+
+SCRATCH_MODELS = (
+    BackboneSpec("efficientnetv2-b0-scratch", from_scratch("tf_efficientnetv2_b0"), "avg",
+                 "EfficientNetV2-B0 (the organizers' reference family, CPU-sized)"),
+    BackboneSpec("efficientnetv2-m-scratch", from_scratch("tf_efficientnetv2_m"), "avg",
+                 "EfficientNetV2-M, the organizers' reference model"),
+    BackboneSpec("resnet18-scratch", from_scratch("resnet18"), "avg", "ResNet-18"),
+    BackboneSpec("convnext-atto-scratch", from_scratch("convnext_atto"), "avg", "ConvNeXt-Atto"),
+    BackboneSpec("vit-small-scratch", from_scratch("vit_small_patch16_224", img_size=128, global_pool=""),
+                 "cls+mean", "plain ViT-S/16 at 128 px (8 x 8 tokens)"),
+    BackboneSpec("custom-vit-scratch", from_scratch("vit_small_patch16_224", **CUSTOM_VIT_ARGS), "cls+mean",
+                 "the small-patch study's CustomViT: 8 px patches, 6 blocks of width 192"),
+)  # fmt: skip
+
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
-        BackboneSpec("virchow", build_virchow, "Paige Virchow ViT-H/14, 632M, CLS+mean 2560-d (gated weights)"),
-        BackboneSpec("tiny-virchow", build_tiny_virchow, "Virchow-shaped 3-block ViT, random init, for tests/demo"),
-        BackboneSpec("resnet18-scratch", scratch_cnn("resnet18"), "ResNet-18 from scratch at native 128 px"),
-        BackboneSpec(
-            "efficientnetv2-b0-scratch",
-            scratch_cnn("tf_efficientnetv2_b0"),
-            "EfficientNetV2-B0 (the organizers' reference family, CPU-sized) from scratch at native 128 px",
+        *(BackboneSpec(fm.name, fm.build, fm.pooling, fm.description) for fm in FOUNDATION_MODELS),
+        *(
+            BackboneSpec(f"tiny-{fm.name}", fm.build_tiny, fm.pooling, f"{fm.name}-shaped stand-in, random init")
+            for fm in FOUNDATION_MODELS
         ),
+        *SCRATCH_MODELS,
     )
 }
 
 
-def create_backbone(name: str, weights: str | None = None) -> nn.Module:
+def backbone_spec(name: str) -> BackboneSpec:
     try:
-        spec = BACKBONES[name]
+        return BACKBONES[name]
     except KeyError:
         raise ValueError(f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}") from None
-    model = spec.build(weights)
+
+
+def create_backbone(name: str, weights: str | None = None) -> nn.Module:
+    model = backbone_spec(name).build(weights)
     if not hasattr(model, "forward_features") or not hasattr(model, "num_features"):
         raise TypeError(f"backbone {name!r} is not a timm model with forward_features")
     return model

@@ -29,7 +29,8 @@ def _train(args: argparse.Namespace) -> None:
     from training.train import train_run
 
     cfg = load_config(args.config, {"epochs": args.epochs} if args.epochs else None)
-    train_run(cfg, args.data_root, args.output, folds=[args.fold] if args.fold is not None else None)
+    folds = [args.fold] if args.fold is not None else None
+    train_run(cfg, args.data_root, args.output, folds=folds, cache_dir=args.cache_dir)
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -64,10 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("tiff", "tif", "mha"), default="tiff")
     p.set_defaults(func=_case)
 
-    p = sub.add_parser("train", help="train the folds of a config on a MIDOG25-layout folder")
+    p = sub.add_parser("train", help="train the folds of a config on dataset folders")
     p.add_argument("--config", type=Path, required=True)
-    p.add_argument("--data-root", type=Path, required=True)
+    p.add_argument("--data-root", type=Path, nargs="+", required=True,
+                   help="one or more dataset folders (MIDOG25, AMi-Br or OMG-Octo layout), merged")  # fmt: skip
     p.add_argument("--output", type=Path, required=True, help="run folder")
+    p.add_argument("--cache-dir", type=Path, help="keep the decoded patches here between runs")
     p.add_argument("--fold", type=int, help="train only this fold (folds as independent jobs)")
     p.add_argument("--epochs", type=int, help="override the config's epochs")
     p.set_defaults(func=_train)

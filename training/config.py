@@ -30,7 +30,9 @@ class TrainConfig(_Strict):
     weights: str | None = Field(None, description="hf-hub:<repo> (local cache) or local-dir:<path>; None = default")
     mode: Literal["lora", "linear", "full"] = "lora"
     lora: LoraSettings = LoraSettings()
-    folds: int = Field(3, ge=2)
+    folds: int = Field(3, ge=2, description="for split: domain, the number of domains")
+    split: Literal["slide", "random", "domain"] = "slide"
+    domain: Literal["tumor", "scanner"] = Field("tumor", description="the domain that split: domain leaves out")
     seed: int = 42
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)

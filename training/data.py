@@ -1,14 +1,24 @@
-"""The MIDOG25 atypical-figure layout: ``<root>/<CSV>`` + ``<root>/images/<image_id>`` (128x128 RGB PNGs).
+"""The public atypical-mitosis sets, read into one table of figures.
 
-Label: ``majority`` column, AMF (atypical mitotic figure) = 1, NMF (normal) = 0. Slides are the ``filename``
-column: the unit that must never straddle folds.
+- MIDOG25 (the challenge's training set): ``MIDOG25_Atypical_Classification_Train_Set.csv`` + ``images/<image_id>``;
+  label from ``majority`` (AMF = atypical = 1, NMF = 0); slide = ``filename``.
+- AMi-Br (human breast, MIDOG21 + TUPAC16 slides): ``AMI-BR.csv`` + ``patches/{normal,atypical}/<dataset>_<uid>.png``;
+  label from ``majority_atypical``. Its MIDOG21 figures are MIDOG25's human-breast figures: merged tables drop
+  them, matched on (slide, coordinates).
+- OMG-Octo: ``OMG-Octo.csv`` (``image_id, filename, majority``) + ``images/<image_id>``.
+
+Every loader checks its table and names the bad rows; exact duplicate rows (the real OMG-Octo CSV has some) are
+dropped with a warning, conflicting ones are an error. Patches are decoded once into one uint8 array.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
+import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,22 +33,41 @@ MIDOG25_COLUMNS = (
     "image_id", "filename", "coordinateX", "coordinateY", "Tumor", "Scanner", "Origin", "Species",
     "expert1", "expert2", "expert3", "majority",
 )  # fmt: skip
+AMIBR_CSV = "AMI-BR.csv"
+AMIBR_COLUMNS = ("slide", "dataset", "uid", "x", "y", "expert1_atypical", "expert2_atypical", "expert3_atypical",
+                 "majority_atypical")  # fmt: skip
+OMG_OCTO_CSV = "OMG-Octo.csv"
+OMG_OCTO_COLUMNS = ("image_id", "filename", "majority")
 LABELS = {"NMF": 0, "AMF": 1}
+BOOLEANS = {"True": 1, "False": 0, "true": 1, "false": 0, "1": 1, "0": 0}
 PATCH_SIZE = 128
+UNKNOWN = "unknown"
+# MIDOG21 slides by number: 1-50 Hamamatsu XR, 51-100 Hamamatsu S360, 101-150 Aperio CS2 (151-200 unlabeled)
+MIDOG21_SCANNERS = ((50, "Hamamatsu XR"), (100, "Hamamatsu S360"), (150, "Aperio CS2"))
 
 
 class DataError(ValueError):
-    """A dataset folder that does not follow the layout, with the offending rows named."""
+    """A dataset folder that does not follow its layout, with the offending rows named."""
 
 
 @dataclass(frozen=True)
 class Figure:
-    image_id: str
+    image_id: str  # unique in a merged table: sources other than MIDOG25 are prefixed "<source>:"
     path: Path
-    label: int  # 1 = atypical
+    label: int  # 1 = atypical (majority of experts)
     slide: str
     tumor: str
     scanner: str
+    origin: str = UNKNOWN
+    species: str = UNKNOWN
+    votes: tuple[int, ...] = ()  # each expert's call, 1 = atypical; empty where the source gives none
+    source: str = "MIDOG25"
+    coordinates: tuple[int, int] | None = None
+
+    @property
+    def soft_label(self) -> float:
+        """Fraction of experts who called it atypical; the majority label where votes are not given."""
+        return sum(self.votes) / len(self.votes) if self.votes else float(self.label)
 
 
 def normalize_scanner(name: str) -> str:
@@ -46,56 +75,206 @@ def normalize_scanner(name: str) -> str:
     return re.sub(r"(?i)^ham+am+atsu", "Hamamatsu", name.strip())
 
 
+def slide_key(slide: str) -> str:
+    """'002.tiff', '002' and '2' name the same MIDOG21 slide."""
+    stem = Path(slide.strip()).stem
+    return str(int(stem)) if stem.isdigit() else stem
+
+
+def _read_table(csv_path: Path, columns: tuple[str, ...]) -> list[dict[str, str]]:
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path.parent}: no {csv_path.name}")
+    with csv_path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{csv_path}: missing columns {missing}")
+        return list(reader)
+
+
+def _labels(csv_path: Path, rows: list[dict], column: str, mapping: dict[str, int]) -> list[int]:
+    bad = [f"row {i + 2}: {r[column]!r}" for i, r in enumerate(rows) if r[column] not in mapping]
+    if bad:
+        raise DataError(f"{csv_path}: unknown {column} values (want {sorted(mapping)}) at {', '.join(bad[:5])}")
+    return [mapping[r[column]] for r in rows]
+
+
+def _drop_duplicates(csv_path: Path, rows: list[dict], key: Callable[[dict], str]) -> list[dict]:
+    """Identical repeated rows are dropped with a warning; the same id with different content is an error."""
+    first: dict[str, int] = {}
+    kept, repeated, conflicting = [], [], []
+    for i, row in enumerate(rows):
+        k = key(row)
+        if k not in first:
+            first[k] = i
+            kept.append(row)
+        elif rows[first[k]] == row:
+            repeated.append(f"row {i + 2} repeats row {first[k] + 2}")
+        else:
+            conflicting.append(f"{k} (rows {first[k] + 2} and {i + 2})")
+    if conflicting:
+        raise DataError(f"{csv_path}: duplicate image ids with different content: {', '.join(conflicting[:5])}")
+    if repeated:
+        log.warning("%s: dropped %d repeated row(s): %s", csv_path.name, len(repeated), ", ".join(repeated[:5]))
+    return kept
+
+
 def read_midog25(root: Path) -> list[Figure]:
-    """Parse and check the CSV; images are checked when decoded."""
     csv_path = root / MIDOG25_CSV
     if not csv_path.is_file():
         raise DataError(f"{root}: no {MIDOG25_CSV} (expected the MIDOG25 layout: CSV + images/)")
-    with csv_path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in MIDOG25_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(f"{csv_path}: missing columns {missing}")
-        rows = list(reader)
-    bad_labels = [f"row {i + 2}: {r['majority']!r}" for i, r in enumerate(rows) if r["majority"] not in LABELS]
-    if bad_labels:
-        raise DataError(f"{csv_path}: unknown labels (want NMF/AMF) at {', '.join(bad_labels[:5])}")
-    seen: dict[str, int] = {}
-    dupes = []
-    for i, r in enumerate(rows):
-        if r["image_id"] in seen:
-            dupes.append(f"{r['image_id']} (rows {seen[r['image_id']] + 2} and {i + 2})")
-        seen[r["image_id"]] = i
-    if dupes:
-        raise DataError(f"{csv_path}: duplicate image_id: {', '.join(dupes[:5])}")
+    rows = _drop_duplicates(csv_path, _read_table(csv_path, MIDOG25_COLUMNS), lambda r: r["image_id"])
+    labels = _labels(csv_path, rows, "majority", LABELS)
     return [
         Figure(
             image_id=r["image_id"],
             path=root / "images" / r["image_id"],
-            label=LABELS[r["majority"]],
+            label=label,
             slide=r["filename"],
             tumor=r["Tumor"],
             scanner=normalize_scanner(r["Scanner"]),
+            origin=r["Origin"],
+            species=r["Species"],
+            votes=tuple(LABELS[r[e]] for e in ("expert1", "expert2", "expert3") if r[e] in LABELS),
+            coordinates=(int(float(r["coordinateX"])), int(float(r["coordinateY"]))),
         )
-        for r in rows
+        for r, label in zip(rows, labels, strict=True)
     ]
 
 
-def decode_figures(figures: list[Figure]) -> np.ndarray:
-    """Decode every patch once into a uint8 [N, 128, 128, 3] array, so epochs never touch PNGs again."""
+def _midog21_scanner(slide: str) -> str:
+    key = slide_key(slide)
+    if key.isdigit():
+        for last, scanner in MIDOG21_SCANNERS:
+            if int(key) <= last:
+                return scanner
+    return UNKNOWN
+
+
+def read_amibr(root: Path) -> list[Figure]:
+    csv_path = root / AMIBR_CSV
+    rows = _read_table(csv_path, AMIBR_COLUMNS)
+    rows = _drop_duplicates(csv_path, rows, lambda r: f"{r['dataset']}_{r['uid']}")
+    labels = _labels(csv_path, rows, "majority_atypical", BOOLEANS)
+    figures = []
+    for r, label in zip(rows, labels, strict=True):
+        name = f"{r['dataset']}_{r['uid']}.png"
+        votes = tuple(BOOLEANS[r[e]] for e in ("expert1_atypical", "expert2_atypical", "expert3_atypical")
+                      if r[e] in BOOLEANS)  # fmt: skip
+        figures.append(
+            Figure(
+                image_id=f"AMi-Br:{name}",
+                path=root / "patches" / ("atypical" if label else "normal") / name,
+                label=label,
+                slide=f"{r['dataset']}:{r['slide']}",
+                tumor="human breast cancer",
+                scanner=_midog21_scanner(r["slide"]) if r["dataset"] == "MIDOG21" else UNKNOWN,
+                origin=r["dataset"],
+                species="Human",
+                votes=votes,
+                source="AMi-Br",
+                coordinates=(int(float(r["x"])), int(float(r["y"]))),
+            )
+        )
+    return figures
+
+
+def read_omg_octo(root: Path) -> list[Figure]:
+    csv_path = root / OMG_OCTO_CSV
+    rows = _drop_duplicates(csv_path, _read_table(csv_path, OMG_OCTO_COLUMNS), lambda r: r["image_id"])
+    labels = _labels(csv_path, rows, "majority", LABELS)
+    return [
+        Figure(
+            image_id=f"OMG-Octo:{r['image_id']}",
+            path=root / "images" / r["image_id"],
+            label=label,
+            slide=f"OMG-Octo:{r['filename']}",
+            tumor=UNKNOWN,
+            scanner=UNKNOWN,
+            source="OMG-Octo",
+        )
+        for r, label in zip(rows, labels, strict=True)
+    ]
+
+
+READERS: dict[str, tuple[str, Callable[[Path], list[Figure]]]] = {
+    "MIDOG25": (MIDOG25_CSV, read_midog25),
+    "AMi-Br": (AMIBR_CSV, read_amibr),
+    "OMG-Octo": (OMG_OCTO_CSV, read_omg_octo),
+}
+
+
+def read_dataset(root: Path) -> list[Figure]:
+    """Any one of the three layouts, recognized by its CSV."""
+    for csv_name, reader in READERS.values():
+        if (root / csv_name).is_file():
+            return reader(root)
+    names = ", ".join(csv_name for csv_name, _ in READERS.values())
+    raise DataError(f"{root}: no dataset table here (looked for {names})")
+
+
+def read_datasets(roots: list[Path]) -> list[Figure]:
+    return merge_datasets([read_dataset(root) for root in roots])
+
+
+def merge_datasets(tables: list[list[Figure]]) -> list[Figure]:
+    """One table; AMi-Br's MIDOG21 figures that MIDOG25 already holds (same slide and coordinates) are dropped."""
+    midog25 = {(slide_key(f.slide), f.coordinates) for t in tables for f in t if f.source == "MIDOG25"}
+
+    def in_midog25(f: Figure) -> bool:
+        is_midog21 = f.source == "AMi-Br" and f.origin == "MIDOG21"
+        return is_midog21 and (slide_key(f.slide.partition(":")[2]), f.coordinates) in midog25
+
+    merged = [f for t in tables for f in t if not in_midog25(f)]
+    dropped = sum(len(t) for t in tables) - len(merged)
+    if dropped:
+        log.info("dropped %d AMi-Br figure(s) already in MIDOG25", dropped)
+    ids = [f.image_id for f in merged]
+    if len(set(ids)) != len(ids):
+        raise DataError("the same image id appears in two datasets")
+    return merged
+
+
+def _cache_path(figures: list[Figure], cache_dir: Path) -> Path:
+    digest = hashlib.sha256()
+    for f in figures:
+        stat = f.path.stat()
+        digest.update(f"{f.path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return cache_dir / f"patches-{digest.hexdigest()[:20]}.npy"
+
+
+def decode_figures(figures: list[Figure], cache_dir: Path | None = None) -> np.ndarray:
+    """Decode every patch once into a uint8 [N, 128, 128, 3] array, so epochs never touch PNGs again.
+
+    With ``cache_dir``, the array is kept there, keyed by the files' paths, sizes and modification times.
+    """
+    cached = None
+    if cache_dir is not None and all(f.path.is_file() for f in figures):
+        cached = _cache_path(figures, cache_dir)
+        if cached.is_file():
+            log.info("decoded patches from cache %s", cached)
+            return np.load(cached)
     pixels = np.empty((len(figures), PATCH_SIZE, PATCH_SIZE, 3), dtype=np.uint8)
     problems = []
     for i, fig in enumerate(tqdm(figures, desc="decoding patches", unit="img", leave=False, disable=None)):
         try:
             with Image.open(fig.path) as im:
+                mode, size = im.mode, im.size
                 rgb = im.convert("RGB")
         except (OSError, ValueError) as err:
             problems.append(f"{fig.path.name}: unreadable ({err.__class__.__name__})")
             continue
-        if rgb.size != (PATCH_SIZE, PATCH_SIZE):
-            problems.append(f"{fig.path.name}: size {rgb.size}, expected {PATCH_SIZE}x{PATCH_SIZE}")
-            continue
-        pixels[i] = np.asarray(rgb)
+        if mode not in ("RGB", "RGBA"):
+            problems.append(f"{fig.path.name}: mode {mode}, expected RGB")
+        elif size != (PATCH_SIZE, PATCH_SIZE):
+            problems.append(f"{fig.path.name}: size {size}, expected {PATCH_SIZE}x{PATCH_SIZE}")
+        else:
+            pixels[i] = np.asarray(rgb)
     if problems:
         raise DataError(f"{len(problems)} bad image(s): {'; '.join(problems[:5])}")
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(tmp, pixels)
+        os.replace(tmp, cached)
     return pixels

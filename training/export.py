@@ -24,7 +24,7 @@ import torch
 from contracts import MANIFEST_FILENAME, ONNX_INPUT, ONNX_OUTPUT, ModelManifest, sha256_of
 from training.adapt import load_fold_model
 from training.config import load_config
-from training.data import decode_figures, read_midog25
+from training.data import decode_figures, read_datasets
 from training.model import Classifier, Ensemble, Preprocess
 from training.synthetic import synthetic_figures
 from training.train import PROVENANCE, unfinished_folds
@@ -43,9 +43,9 @@ class ExportCheckError(RuntimeError):
 
 def verification_pixels(run_dir: Path, n: int = 16) -> np.ndarray:
     """Real-looking uint8 patches: held-out figures of the run's own data when reachable, else synthetic ones."""
-    data_root = Path(json.loads((run_dir / PROVENANCE).read_text())["data_root"])
+    roots = [Path(r) for r in json.loads((run_dir / PROVENANCE).read_text())["data_roots"]]
     try:
-        figures = read_midog25(data_root)
+        figures = read_datasets(roots)
         step = max(1, len(figures) // n)
         return decode_figures(figures[::step][:n])
     except (OSError, ValueError) as err:

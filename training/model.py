@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from timm.data import resolve_data_config
 from torch import nn
 
-from training.backbones import create_backbone
+from training.backbones import Pooling, backbone_spec, create_backbone
 
 _TORCH_MODES = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest"}
 
@@ -50,16 +50,17 @@ class Preprocess(nn.Module):
 class Classifier(nn.Module):
     """Backbone features -> embedding -> linear -> one logit for 'atypical'.
 
-    Embedding: for a ViT, concat(CLS token, mean of patch tokens) (prefix tokens, CLS and registers, are not
-    patches); for a CNN, the global average of its last feature map.
+    Pooling, as each backbone was published: ``cls+mean`` = concat(CLS token, mean of patch tokens), with prefix
+    tokens (CLS and registers) excluded from the mean; ``cls`` = the CLS token; ``avg`` = global average of a CNN's
+    last feature map.
     """
 
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, backbone: nn.Module, pooling: Pooling):
         super().__init__()
         self.backbone = backbone
-        # CLS (+ registers) for a ViT; None for a CNN, whose features are a map
-        self.num_prefix_tokens = getattr(backbone, "num_prefix_tokens", None)
-        dim = backbone.num_features * (2 if self.num_prefix_tokens else 1)
+        self.pooling = pooling
+        self.num_prefix_tokens = int(getattr(backbone, "num_prefix_tokens", 0))
+        dim = backbone.num_features * (2 if pooling == "cls+mean" else 1)
         # not "head": peft matches modules_to_save by name suffix, and timm backbones have a `head` of their own
         self.atypia_head = nn.Linear(dim, 1)
 
@@ -69,8 +70,10 @@ class Classifier(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         features = self.backbone.forward_features(x)
-        if not self.num_prefix_tokens:
+        if self.pooling == "avg":
             return features.mean(dim=(2, 3))
+        if self.pooling == "cls":
+            return features[:, 0]
         return torch.cat([features[:, 0], features[:, self.num_prefix_tokens :].mean(dim=1)], dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,7 +81,7 @@ class Classifier(nn.Module):
 
 
 def build_classifier(backbone: str, weights: str | None = None, head_seed: int = 0) -> Classifier:
-    model = Classifier(create_backbone(backbone, weights))
+    model = Classifier(create_backbone(backbone, weights), backbone_spec(backbone).pooling)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(head_seed)
         model.atypia_head.reset_parameters()

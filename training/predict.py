@@ -8,7 +8,7 @@ from pathlib import Path
 
 from contracts import classify
 from process import OnnxEnsemble
-from training.data import decode_figures, read_midog25
+from training.data import decode_figures, read_dataset
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +16,7 @@ PREDICTION_COLUMNS = ("image_id", "label", "prob_atypical", "pred", "domain")
 
 
 def predict_folder(model_dir: Path, data_root: Path, output: Path, device: str = "auto", batch: int = 64) -> None:
-    figures = read_midog25(data_root)
+    figures = read_dataset(data_root)
     pixels = decode_figures(figures)
     ensemble = OnnxEnsemble(model_dir, device)
     probs = ensemble.predict(list(pixels), max_batch=batch)

@@ -1,7 +1,13 @@
-"""Cross-validation folds grouped by slide and stratified by label, persisted as ``splits.json`` in the run.
+"""Cross-validation folds, persisted as ``splits.json`` in the run.
 
-Built from image ids sorted first and a fixed seed (nnU-Net style), so the same data and seed give the same folds
-on any machine; a run that finds ``splits.json`` reuses it instead of re-drawing.
+Strategies:
+- ``slide`` (default): stratified by label, grouped by slide: no slide's figures are both trained on and validated.
+- ``random``: stratified image-level folds, as the organizers' guide does; figures of one slide land in several
+  folds, so validation figures share slides (and their stain and scanner) with training: optimistic.
+- ``domain``: leave-one-domain-out, one fold per tumor type or scanner, for generalization to unseen domains.
+
+Folds are built from image ids sorted first and a fixed seed (nnU-Net style), so the same data and seed give the
+same folds on any machine; a run that finds ``splits.json`` reuses it instead of re-drawing.
 """
 
 from __future__ import annotations
@@ -11,8 +17,9 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
+from training.config import TrainConfig
 from training.data import Figure
 
 log = logging.getLogger(__name__)
@@ -20,14 +27,18 @@ log = logging.getLogger(__name__)
 SPLITS_FILE = "splits.json"
 
 
+def _sorted(figures: list[Figure]) -> tuple[list[Figure], np.ndarray]:
+    ordered = sorted(figures, key=lambda f: f.image_id)
+    return ordered, np.array([f.label for f in ordered])
+
+
 def slide_grouped_folds(figures: list[Figure], n_folds: int, seed: int) -> list[list[str]]:
     """Validation image ids of each fold; every slide's figures land in exactly one fold."""
-    ordered = sorted(figures, key=lambda f: f.image_id)
+    ordered, labels = _sorted(figures)
     n_slides = len({f.slide for f in ordered})
     if n_slides < n_folds:
         raise ValueError(f"{n_slides} slides cannot fill {n_folds} slide-grouped folds")
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    labels = np.array([f.label for f in ordered])
     groups = np.array([f.slide for f in ordered])
     return [
         sorted(ordered[i].image_id for i in val_idx)
@@ -35,16 +46,40 @@ def slide_grouped_folds(figures: list[Figure], n_folds: int, seed: int) -> list[
     ]
 
 
-def load_or_create_splits(run_dir: Path, figures: list[Figure], n_folds: int, seed: int) -> list[list[str]]:
+def random_folds(figures: list[Figure], n_folds: int, seed: int) -> list[list[str]]:
+    ordered, labels = _sorted(figures)
+    splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    return [sorted(ordered[i].image_id for i in val_idx) for _, val_idx in splitter.split(labels, labels)]
+
+
+def domain_folds(figures: list[Figure], domain: str, n_folds: int) -> list[list[str]]:
+    """One fold per value of ``domain`` ('tumor' or 'scanner'), in sorted order."""
+    values = sorted({getattr(f, domain) for f in figures})
+    if len(values) != n_folds:
+        raise ValueError(f"leave-one-{domain}-out on this data has {len(values)} domains {values}: set folds: "
+                         f"{len(values)}")  # fmt: skip
+    return [sorted(f.image_id for f in figures if getattr(f, domain) == value) for value in values]
+
+
+def make_folds(figures: list[Figure], cfg: TrainConfig) -> list[list[str]]:
+    if cfg.split == "slide":
+        return slide_grouped_folds(figures, cfg.folds, cfg.seed)
+    if cfg.split == "random":
+        return random_folds(figures, cfg.folds, cfg.seed)
+    return domain_folds(figures, cfg.domain, cfg.folds)
+
+
+def load_or_create_splits(run_dir: Path, figures: list[Figure], cfg: TrainConfig) -> list[list[str]]:
     path = run_dir / SPLITS_FILE
     ids = {f.image_id for f in figures}
     if path.is_file():
         saved = json.loads(path.read_text())
         folds = saved["val_ids"]
-        if len(folds) != n_folds or {i for fold in folds for i in fold} != ids:
+        if len(folds) != cfg.folds or {i for fold in folds for i in fold} != ids:
             raise ValueError(f"{path} was made for other data or fold count; use a new run folder")
         log.info("reusing %s", path)
         return folds
-    folds = slide_grouped_folds(figures, n_folds, seed)
-    path.write_text(json.dumps({"strategy": "slide-grouped-stratified", "seed": seed, "val_ids": folds}, indent=1))
+    folds = make_folds(figures, cfg)
+    strategy = {"split": cfg.split, "seed": cfg.seed, **({"domain": cfg.domain} if cfg.split == "domain" else {})}
+    path.write_text(json.dumps({**strategy, "val_ids": folds}, indent=1))
     return folds

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from training.adapt import learned_state, param_groups, prepare, restore_learned_state, save_fold_model, set_train_mode
 from training.config import TrainConfig, load_config, save_config
-from training.data import Figure, decode_figures, read_midog25
+from training.data import Figure, decode_figures, read_datasets
 from training.metrics import choose_threshold, summarize
 from training.model import Preprocess, build_classifier
 from training.splits import load_or_create_splits
@@ -229,7 +229,7 @@ def pool_out_of_fold(run_dir: Path, n_folds: int) -> dict:
     return summary
 
 
-def provenance(data_root: Path) -> dict:
+def provenance(data_roots: list[Path]) -> dict:
     """Where a run came from: its data and the code and library versions that trained it."""
     import peft
     import timm
@@ -242,20 +242,26 @@ def provenance(data_root: Path) -> dict:
     except (OSError, subprocess.CalledProcessError):
         git = None
     versions = {"torch": torch.__version__, "timm": timm.__version__, "peft": peft.__version__}
-    return {"data_root": str(data_root.resolve()), "git": git, "versions": versions}
+    return {"data_roots": [str(r.resolve()) for r in data_roots], "git": git, "versions": versions}
 
 
-def train_run(cfg: TrainConfig, data_root: Path, run_dir: Path, folds: list[int] | None = None) -> dict | None:
+def train_run(
+    cfg: TrainConfig,
+    data_roots: list[Path],
+    run_dir: Path,
+    folds: list[int] | None = None,
+    cache_dir: Path | None = None,
+) -> dict | None:
     """Train the requested folds (all by default); pool out-of-fold predictions once every fold has finished."""
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.yaml"
     if config_path.is_file() and load_config(config_path) != cfg:
         raise ValueError(f"{config_path} holds a different config: use a new run folder (or the same config)")
     save_config(cfg, config_path)
-    (run_dir / PROVENANCE).write_text(json.dumps(provenance(data_root), indent=1))
-    figures = read_midog25(data_root)
-    pixels = decode_figures(figures)
-    val_folds = load_or_create_splits(run_dir, figures, cfg.folds, cfg.seed)
+    (run_dir / PROVENANCE).write_text(json.dumps(provenance(data_roots), indent=1))
+    figures = read_datasets(data_roots)
+    pixels = decode_figures(figures, cache_dir)
+    val_folds = load_or_create_splits(run_dir, figures, cfg)
     for fold in folds if folds is not None else range(cfg.folds):
         if not 0 <= fold < cfg.folds:
             raise ValueError(f"fold {fold} outside 0..{cfg.folds - 1}")

@@ -96,3 +96,41 @@ def test_every_shipped_config_loads_and_names_a_registered_backbone(path):
 
     cfg = load_config(path)
     assert cfg.backbone in BACKBONES and path.stem.startswith(cfg.name)
+
+
+def test_shift_scale_and_blur():
+    from training.train import augment_geometry_blur
+
+    batch = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8)
+    same = augment_geometry_blur(batch, 0.0, 0.0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(same, batch.float())
+    blurred = augment_geometry_blur(batch, 0.0, 1.0, torch.Generator().manual_seed(0))
+
+    def roughness(x):
+        return (x[:, 1:] - x[:, :-1]).abs().mean()
+
+    assert roughness(blurred) < 0.6 * roughness(batch.float())
+    moved = augment_geometry_blur(batch, 0.1, 0.0, torch.Generator().manual_seed(0))
+    assert moved.shape == (6, 32, 32, 3) and moved.min() >= 0 and moved.max() <= 255
+    assert not torch.allclose(moved, batch.float())
+
+
+def test_losses():
+    from training.train import classification_loss
+
+    logits, targets = torch.randn(64), (torch.rand(64) < 0.3).float()
+    pos_weight = torch.tensor(3.0)
+    bce = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)(logits, targets)
+    torch.testing.assert_close(classification_loss(logits, targets, pos_weight, load_config(DEMO_CONFIG)), bce)
+    focal_cfg = load_config(DEMO_CONFIG, {"loss": "focal", "focal_gamma": 0.0})
+    torch.testing.assert_close(classification_loss(logits, targets, pos_weight, focal_cfg), bce)
+    focal_cfg = load_config(DEMO_CONFIG, {"loss": "focal", "focal_gamma": 2.0})
+    assert classification_loss(logits, targets, pos_weight, focal_cfg) < bce
+
+
+def test_every_training_option_together(small_data, tmp_path):
+    options = {"epochs": 2, "loss": "focal", "soft_labels": True, "shift_scale": 0.1, "blur": 0.3,
+               "stain_jitter": 0.05, "patience": 1, "threshold": "domain-balanced", "split": "random"}  # fmt: skip
+    summary = train_run(load_config(DEMO_CONFIG, options), [small_data], tmp_path / "run")
+    assert 0 <= summary["threshold"] <= 1
+    assert (tmp_path / "run" / "provenance.json").is_file()

@@ -41,9 +41,18 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.01, ge=0)
     warmup_fraction: float = Field(0.1, ge=0, lt=1)
     patience: int | None = Field(None, ge=1, description="stop a fold after this many epochs without a better BA")
+    loss: Literal["weighted-bce", "focal"] = Field("weighted-bce", description="both weight atypical figures up")
+    focal_gamma: float = Field(2.0, ge=0)
+    soft_labels: bool = Field(False, description="targets = fraction of experts voting atypical")
     augment: bool = Field(True, description="random flips and quarter turns")
+    shift_scale: float = Field(0.0, ge=0, lt=0.5, description="random shift and zoom, as a fraction of the patch")
+    blur: float = Field(0.0, ge=0, le=1, description="probability of a mild Gaussian blur (focus differences)")
     stain_jitter: float = Field(0.0, ge=0, lt=1, description="HED stain jitter strength (0 = off), for scanner shift")
     eval_batch_size: int = Field(64, ge=1)
+    grad_checkpointing: bool = Field(False, description="on CUDA: recompute activations, trading time for memory")
+    threshold: Literal["pooled", "domain-balanced"] = Field(
+        "pooled", description="maximize BA over pooled out-of-fold figures, or its mean over scanner domains"
+    )
 
 
 def load_config(path: Path, overrides: dict[str, Any] | None = None) -> TrainConfig:

@@ -29,16 +29,19 @@ def summarize(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[s
     }
 
 
-def choose_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
+def choose_threshold(labels: np.ndarray, probs: np.ndarray, domains: np.ndarray | None = None) -> float:
     """The threshold that maximizes balanced accuracy under the rule ``atypical iff p >= t``.
 
-    Candidates are midpoints between consecutive distinct probabilities, so the chosen cut sits in the gap
-    rather than on a training example. Ties go to the candidate closest to 0.5.
+    With ``domains``, it maximizes the mean of the per-domain balanced accuracies instead, so that no scanner's
+    figures dominate the choice. Candidates are midpoints between consecutive distinct probabilities, so the cut
+    sits in a gap rather than on an example. Ties go to the candidate closest to 0.5.
     """
     labels = np.asarray(labels).astype(bool)
-    values = np.unique(np.asarray(probs, dtype=np.float64))
+    probs = np.asarray(probs, dtype=np.float64)
+    values = np.unique(probs)
     candidates = np.concatenate([[0.0], (values[:-1] + values[1:]) / 2, [np.nextafter(values[-1], 2.0)]])
     candidates = np.clip(candidates, 0.0, 1.0)
-    scores = np.array([balanced_accuracy(labels, probs >= t) for t in candidates])
+    groups = [np.ones(len(labels), bool)] if domains is None else [domains == d for d in np.unique(domains)]
+    scores = np.array([np.mean([balanced_accuracy(labels[g], probs[g] >= t) for g in groups]) for t in candidates])
     best = np.flatnonzero(scores >= scores.max() - 1e-12)
     return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])

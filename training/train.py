@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from training.adapt import learned_state, param_groups, prepare, restore_learned_state, save_fold_model, set_train_mode
@@ -72,6 +73,42 @@ def augment_stain(batch: torch.Tensor, strength: float, generator: torch.Generat
     beta = (torch.rand(n, 1, 1, 3, generator=generator) * 2 - 1) * strength
     od = (concentrations * alpha + beta) @ RGB_FROM_HED
     return (256 * torch.exp(-od) - 1).clamp(0, 255)
+
+
+def augment_geometry_blur(batch: torch.Tensor, shift_scale: float, blur: float, generator: torch.Generator):
+    """Small random shift and zoom (the figure is not always centred), and a mild blur with probability ``blur``.
+
+    [N, H, W, 3] in, float [N, H, W, 3] in [0, 255] out; borders are reflected, not black.
+    """
+    x = batch.float().permute(0, 3, 1, 2)
+    n = len(x)
+    if shift_scale:
+        scale = 1 + (torch.rand(n, generator=generator) * 2 - 1) * shift_scale
+        shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * shift_scale * 2  # grid units span [-1, 1]
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0] = theta[:, 1, 1] = 1 / scale
+        theta[:, :, 2] = shift
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    if blur:
+        blurred = x.clone()
+        chosen = torch.rand(n, generator=generator) < blur
+        if chosen.any():
+            kernel = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16  # binomial, sigma ~ 1 px
+            k2 = (kernel[:, None] * kernel[None, :]).expand(3, 1, 5, 5)
+            blurred[chosen] = F.conv2d(F.pad(x[chosen], (2, 2, 2, 2), mode="reflect"), k2, groups=3)
+        x = blurred
+    return x.permute(0, 2, 3, 1).clamp(0, 255)
+
+
+def classification_loss(logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor, cfg: TrainConfig):
+    """Class-weighted BCE, or focal loss (confident examples weighted down) with the same class weight."""
+    if cfg.loss == "weighted-bce":
+        return F.binary_cross_entropy_with_logits(logits, targets, pos_weight=pos_weight)
+    bce = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=pos_weight, reduction="none")
+    p = torch.sigmoid(logits)
+    p_true = targets * p + (1 - targets) * (1 - p)
+    return (bce * (1 - p_true) ** cfg.focal_gamma).mean()
 
 
 @torch.no_grad()
@@ -118,9 +155,12 @@ def train_fold(
     model = prepare(classifier, cfg).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
-    # class-weighted BCE: atypical figures are the minority (about 1 in 4 to 1 in 6)
-    pos_weight = torch.tensor((train_y == 0).sum() / max(1.0, (train_y == 1).sum()), device=device)
-    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    if cfg.grad_checkpointing and device.type == "cuda":
+        classifier.backbone.set_grad_checkpointing(True)
+    if cfg.soft_labels:
+        train_y = np.array([f.soft_label for f, v in zip(figures, is_val, strict=True) if not v], dtype=np.float32)
+    # atypical figures are the minority (about 1 in 4 to 1 in 6): weight them up by the class ratio
+    pos_weight = torch.tensor((train_y < 0.5).sum() / max(1.0, (train_y >= 0.5).sum()), device=device)
 
     steps_per_epoch = math.ceil(len(train_x) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
@@ -150,12 +190,14 @@ def train_fold(
                 batch = augment_d4(batch, generator)
             if cfg.stain_jitter:
                 batch = augment_stain(batch, cfg.stain_jitter, generator)
+            if cfg.shift_scale or cfg.blur:
+                batch = augment_geometry_blur(batch, cfg.shift_scale, cfg.blur, generator)
             x = preprocess(batch.to(device))
             y = torch.from_numpy(train_y[idx]).to(device)
             for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
                 group["lr"] = base_lr * _lr_factor(step, total_steps, warmup)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = loss_fn(model(x).float(), y)
+                loss = classification_loss(model(x).float(), y, pos_weight, cfg)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -167,6 +209,7 @@ def train_fold(
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "seconds": time.perf_counter() - started}
         row.update({k: metrics[k] for k in ("balanced_accuracy", "roc_auc", "sensitivity", "specificity")})
         state["log_rows"].append(row)
+        _write_rows(fold_dir / "log.csv", state["log_rows"])
         log.info("fold %d epoch %d: loss %.4f val BA %.4f AUC %.4f", fold, epoch + 1, row["train_loss"],
                  metrics["balanced_accuracy"], metrics["roc_auc"])  # fmt: skip
         # model selection on balanced accuracy, the challenge's ranking metric; AUC breaks ties
@@ -182,7 +225,6 @@ def train_fold(
             fold_dir / CHECKPOINT,
         )  # fmt: skip
 
-    _write_rows(fold_dir / "log.csv", state["log_rows"])
     (fold_dir / FINISHED_MARKER).write_text(json.dumps(state["best"], indent=1))
     return state["best"]
 
@@ -208,7 +250,7 @@ def unfinished_folds(run_dir: Path, n_folds: int) -> list[int]:
     return [k for k in range(n_folds) if not (run_dir / f"fold_{k}" / FINISHED_MARKER).is_file()]
 
 
-def pool_out_of_fold(run_dir: Path, n_folds: int) -> dict:
+def pool_out_of_fold(run_dir: Path, cfg: TrainConfig) -> dict:
     """Concatenate every fold's held-out predictions, choose the threshold there, and write the summary.
 
     The threshold is chosen on single-fold probabilities and applied to the mean over folds, whose probabilities
@@ -216,13 +258,14 @@ def pool_out_of_fold(run_dir: Path, n_folds: int) -> dict:
     unbiased choice (no figure is scored by a fold that trained on it).
     """
     rows = []
-    for fold in range(n_folds):
+    for fold in range(cfg.folds):
         with (run_dir / f"fold_{fold}" / "val.csv").open(newline="") as f:
             rows.extend(csv.DictReader(f))
     _write_rows(run_dir / "oof.csv", rows)
     labels = np.array([int(r["label"]) for r in rows])
     probs = np.array([float(r["prob_atypical"]) for r in rows])
-    threshold = choose_threshold(labels, probs)
+    domains = np.array([r["domain"] for r in rows]) if cfg.threshold == "domain-balanced" else None
+    threshold = choose_threshold(labels, probs, domains)
     summary = {"threshold": threshold, "oof": summarize(labels, probs, threshold)}
     summary["oof_at_0.5"] = summarize(labels, probs, 0.5)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -271,7 +314,7 @@ def train_run(
         best = train_fold(cfg, fold, figures, pixels, set(val_folds[fold]), run_dir)
         log.info("fold %d best epoch %d: BA %.4f", fold, best["epoch"], best["balanced_accuracy"])
     if not unfinished_folds(run_dir, cfg.folds):
-        summary = pool_out_of_fold(run_dir, cfg.folds)
+        summary = pool_out_of_fold(run_dir, cfg)
         log.info("out-of-fold: BA %.4f AUC %.4f at threshold %.4f", summary["oof"]["balanced_accuracy"],
                  summary["oof"]["roc_auc"], summary["threshold"])  # fmt: skip
         return summary

@@ -71,11 +71,13 @@ def test_manifest_describes_the_run(demo_run):
 
 def test_run_folder_layout(demo_run):
     run = demo_run["run"]
-    for name in ("config.yaml", "splits.json", "oof.csv", "summary.json"):
+    for name in ("config.yaml", "provenance.json", "splits.json", "oof.csv", "summary.json"):
         assert (run / name).is_file(), name
     for k in range(3):
-        for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "log.csv", "best.json"):
+        for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "log.csv", "best.json",
+                     "checkpoint.pt"):  # fmt: skip
             assert (run / f"fold_{k}" / name).is_file(), f"fold_{k}/{name}"
+        assert list((run / f"fold_{k}" / "tensorboard").glob("events.out.tfevents.*"))
     oof = (run / "oof.csv").read_text().splitlines()
     assert oof[0] == "image_id,fold,label,prob_atypical,domain" and len(oof) == 1 + 600
 

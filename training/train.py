@@ -8,7 +8,7 @@ Run folder (nnU-Net style)::
     RUN_DIR/fold_<k>/adapter/    best epoch's peft adapter + head (lora), or
     RUN_DIR/fold_<k>/weights.safetensors   best epoch's learned weights (linear, full)
     RUN_DIR/fold_<k>/checkpoint.pt         end of the last epoch, to resume after a kill
-    RUN_DIR/fold_<k>/log.csv     one row per epoch
+    RUN_DIR/fold_<k>/log.csv     one row per epoch, written as it goes (and the same in fold_<k>/tensorboard/)
     RUN_DIR/fold_<k>/val.csv     the best epoch's predictions on the held-out fold
     RUN_DIR/fold_<k>/best.json   best epoch and its validation figures; written last, it marks the fold finished
     RUN_DIR/oof.csv              all folds' held-out predictions (image_id, fold, label, prob_atypical, domain)
@@ -27,11 +27,15 @@ import math
 import os
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from training.adapt import learned_state, param_groups, prepare, restore_learned_state, save_fold_model, set_train_mode
@@ -135,12 +139,56 @@ def _save_atomically(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+@dataclass(frozen=True)
+class Workers:
+    """This process's place among torchrun's processes; one of one without torchrun.
+
+    Every process draws the same batch order and augmentations for the whole batch and trains on its share of
+    it; DDP averages the gradients, so the optimizer sees the same batch as one process would. Every process
+    evaluates (the selection of the best epoch stays identical everywhere); only the first writes files.
+    """
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def join_workers() -> Workers:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Workers()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    workers = Workers(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(workers.local_rank)
+    return workers
+
+
 def train_fold(
-    cfg: TrainConfig, fold: int, figures: list[Figure], pixels: np.ndarray, val_ids: set[str], run_dir: Path
+    cfg: TrainConfig,
+    fold: int,
+    figures: list[Figure],
+    pixels: np.ndarray,
+    val_ids: set[str],
+    run_dir: Path,
+    workers: Workers = Workers(),
 ) -> dict:
     fold_dir = run_dir / f"fold_{fold}"
     fold_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = workers.device
     torch.manual_seed(cfg.seed + fold)
     generator = torch.Generator().manual_seed(cfg.seed + fold)
 
@@ -153,6 +201,9 @@ def train_fold(
     classifier = build_classifier(cfg.backbone, cfg.weights, head_seed=cfg.seed + fold)
     preprocess = Preprocess.for_backbone(classifier.backbone).to(device)
     model = prepare(classifier, cfg).to(device)
+    forward = model
+    if workers.world > 1:
+        forward = DistributedDataParallel(model, device_ids=None if device.index is None else [device.index])
     optimizer = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     if cfg.grad_checkpointing and device.type == "cuda":
@@ -174,6 +225,7 @@ def train_fold(
         generator.set_state(state.pop("generator_rng"))
         log.info("fold %d: resuming after epoch %d", fold, state["epoch"])
 
+    board = SummaryWriter(fold_dir / "tensorboard") if workers.is_main else None
     for epoch in range(state["epoch"], cfg.epochs):
         if cfg.patience and epoch - state["best"].get("epoch", 0) >= cfg.patience:
             log.info("fold %d: no better balanced accuracy for %d epochs; stopping early", fold, cfg.patience)
@@ -192,12 +244,16 @@ def train_fold(
                 batch = augment_stain(batch, cfg.stain_jitter, generator)
             if cfg.shift_scale or cfg.blur:
                 batch = augment_geometry_blur(batch, cfg.shift_scale, cfg.blur, generator)
-            x = preprocess(batch.to(device))
-            y = torch.from_numpy(train_y[idx]).to(device)
+            share = slice(workers.rank, None, workers.world)
+            x = preprocess(batch[share].to(device))
+            y = torch.from_numpy(train_y[idx][share]).to(device)
             for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
                 group["lr"] = base_lr * _lr_factor(step, total_steps, warmup)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = classification_loss(model(x).float(), y, pos_weight, cfg)
+                loss = classification_loss(forward(x).float(), y, pos_weight, cfg)
+            # DDP averages gradients over processes; weighting each share by its size makes that the whole
+            # batch's mean even when the batch does not split evenly (the factor is exactly 1 for one process)
+            loss = loss * (len(y) * workers.world / len(idx))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -209,23 +265,32 @@ def train_fold(
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "seconds": time.perf_counter() - started}
         row.update({k: metrics[k] for k in ("balanced_accuracy", "roc_auc", "sensitivity", "specificity")})
         state["log_rows"].append(row)
-        _write_rows(fold_dir / "log.csv", state["log_rows"])
         log.info("fold %d epoch %d: loss %.4f val BA %.4f AUC %.4f", fold, epoch + 1, row["train_loss"],
                  metrics["balanced_accuracy"], metrics["roc_auc"])  # fmt: skip
         # model selection on balanced accuracy, the challenge's ranking metric; AUC breaks ties
         best = state["best"]
-        if (metrics["balanced_accuracy"], metrics["roc_auc"]) > (best["balanced_accuracy"], best.get("roc_auc", -1)):
+        score = (metrics["balanced_accuracy"], metrics["roc_auc"])
+        improved = score > (best["balanced_accuracy"], best.get("roc_auc", -1))
+        if improved:
             state["best"] = {"epoch": epoch + 1, **metrics}
-            save_fold_model(model, cfg, fold_dir)
-            _write_predictions(fold_dir / "val.csv", val_figs, fold, val_p)
         state["epoch"] = epoch + 1
-        _save_atomically(
-            {**state, "model": learned_state(model, cfg), "optimizer": optimizer.state_dict(),
-             "torch_rng": torch.get_rng_state(), "generator_rng": generator.get_state()},
-            fold_dir / CHECKPOINT,
-        )  # fmt: skip
+        if workers.is_main:
+            _write_rows(fold_dir / "log.csv", state["log_rows"])
+            for key in ("train_loss", "balanced_accuracy", "roc_auc"):
+                board.add_scalar(f"fold_{fold}/{key}", row[key], epoch + 1)
+            if improved:
+                save_fold_model(model, cfg, fold_dir)
+                _write_predictions(fold_dir / "val.csv", val_figs, fold, val_p)
+            _save_atomically(
+                {**state, "model": learned_state(model, cfg), "optimizer": optimizer.state_dict(),
+                 "torch_rng": torch.get_rng_state(), "generator_rng": generator.get_state()},
+                fold_dir / CHECKPOINT,
+            )  # fmt: skip
 
-    (fold_dir / FINISHED_MARKER).write_text(json.dumps(state["best"], indent=1))
+    if workers.is_main:
+        board.close()
+        (fold_dir / FINISHED_MARKER).write_text(json.dumps(state["best"], indent=1))
+    workers.barrier()
     return state["best"]
 
 
@@ -295,25 +360,35 @@ def train_run(
     folds: list[int] | None = None,
     cache_dir: Path | None = None,
 ) -> dict | None:
-    """Train the requested folds (all by default); pool out-of-fold predictions once every fold has finished."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Train the requested folds (all by default); pool out-of-fold predictions once every fold has finished.
+
+    Under ``torchrun --nproc_per_node N`` the processes share each fold's training (DDP); folds also run as
+    independent jobs with ``folds=[k]``.
+    """
+    workers = join_workers()
     config_path = run_dir / "config.yaml"
     if config_path.is_file() and load_config(config_path) != cfg:
         raise ValueError(f"{config_path} holds a different config: use a new run folder (or the same config)")
-    save_config(cfg, config_path)
-    (run_dir / PROVENANCE).write_text(json.dumps(provenance(data_roots), indent=1))
     figures = read_datasets(data_roots)
-    pixels = decode_figures(figures, cache_dir)
-    val_folds = load_or_create_splits(run_dir, figures, cfg)
+    if workers.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, config_path)
+        (run_dir / PROVENANCE).write_text(json.dumps(provenance(data_roots), indent=1))
+        pixels = decode_figures(figures, cache_dir)
+        val_folds = load_or_create_splits(run_dir, figures, cfg)
+    workers.barrier()
+    if not workers.is_main:  # the first process decoded (and cached) and split; the others read the same
+        pixels = decode_figures(figures, cache_dir)
+        val_folds = load_or_create_splits(run_dir, figures, cfg)
     for fold in folds if folds is not None else range(cfg.folds):
         if not 0 <= fold < cfg.folds:
             raise ValueError(f"fold {fold} outside 0..{cfg.folds - 1}")
         if fold not in unfinished_folds(run_dir, cfg.folds):
             log.info("fold %d already finished; skipping", fold)
             continue
-        best = train_fold(cfg, fold, figures, pixels, set(val_folds[fold]), run_dir)
+        best = train_fold(cfg, fold, figures, pixels, set(val_folds[fold]), run_dir, workers)
         log.info("fold %d best epoch %d: BA %.4f", fold, best["epoch"], best["balanced_accuracy"])
-    if not unfinished_folds(run_dir, cfg.folds):
+    if workers.is_main and not unfinished_folds(run_dir, cfg.folds):
         summary = pool_out_of_fold(run_dir, cfg)
         log.info("out-of-fold: BA %.4f AUC %.4f at threshold %.4f", summary["oof"]["balanced_accuracy"],
                  summary["oof"]["roc_auc"], summary["threshold"])  # fmt: skip

@@ -54,9 +54,12 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(small_dat
         assert [r.split(",")[:2] for r in log_a] == [r.split(",")[:2] for r in log_b]  # epochs and losses
 
 
-@pytest.mark.parametrize("mode", ["full", "linear"])
-def test_other_modes_train_and_export(small_data, tmp_path, mode):
-    cfg = load_config(DEMO_CONFIG, {"epochs": 1, "mode": mode})
+UNAUGMENTED = {"augment": False, "stain_jitter": 0.0}
+
+
+@pytest.mark.parametrize(("mode", "options"), [("full", {}), ("linear", UNAUGMENTED)])
+def test_other_modes_train_and_export(small_data, tmp_path, mode, options):
+    cfg = load_config(DEMO_CONFIG, {"epochs": 1, "mode": mode, **options})
     summary = train_run(cfg, [small_data], tmp_path / "run")
     assert 0 <= summary["oof"]["balanced_accuracy"] <= 1
     assert (tmp_path / "run" / "fold_0" / "weights.safetensors").is_file()
@@ -68,10 +71,24 @@ def test_other_modes_train_and_export(small_data, tmp_path, mode):
 def test_linear_probe_leaves_the_backbone_untouched(small_data, tmp_path):
     from safetensors.torch import load_file
 
-    cfg = load_config(DEMO_CONFIG, {"epochs": 1, "mode": "linear"})
+    cfg = load_config(DEMO_CONFIG, {"epochs": 3, "mode": "linear", **UNAUGMENTED})
     train_run(cfg, [small_data], tmp_path / "run")
     saved = load_file(tmp_path / "run" / "fold_0" / "weights.safetensors")
     assert set(saved) == {"atypia_head.weight", "atypia_head.bias"}
+    # the head trained on cached embeddings scores figures as the whole exported classifier does
+    from training.adapt import load_fold_model
+    from training.data import decode_figures, read_midog25
+    from training.model import Preprocess
+    from training.train import predict_probs
+
+    rows = list(csv.DictReader((tmp_path / "run" / "fold_0" / "val.csv").open()))
+    by_id = {f.image_id: f for f in read_midog25(small_data)}
+    pixels = decode_figures([by_id[r["image_id"]] for r in rows])
+    clf = load_fold_model(cfg, tmp_path / "run" / "fold_0")
+    probs = predict_probs(clf, Preprocess.for_backbone(clf.backbone), pixels, 64, torch.device("cpu"))
+    np.testing.assert_allclose(probs, [float(r["prob_atypical"]) for r in rows], atol=1e-5)
+    with pytest.raises(ValueError, match="mode linear embeds each figure once"):
+        load_config(DEMO_CONFIG, {"mode": "linear"})  # the demo config augments
 
 
 def test_d4_augmentation_only_moves_pixels():
@@ -166,3 +183,28 @@ def test_torchrun_ddp_takes_the_same_step_as_one_process(small_data, tmp_path):
     for ddp, single in zip(first_moments("ddp"), first_moments("single"), strict=True):
         torch.testing.assert_close(ddp, single, atol=1e-6, rtol=0)
     assert json.loads((tmp_path / "ddp" / "splits.json").read_text())["val_ids"][0]  # written once, by rank 0
+
+
+def test_sigkill_then_the_same_command_resumes_and_finishes(small_data, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, run_cli
+
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(DEMO_CONFIG.read_text().replace("epochs: 20", "epochs: 8"))
+    run = tmp_path / "run"
+    args = ["-m", "training", "train", "--config", str(cfg_path), "--data-root", str(small_data), "--output", str(run)]
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (run / "fold_0" / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "fold_0" / "best.json").exists(), "killed too late to test a resume"
+
+    result = run_cli(*args)
+    assert "fold 0: resuming after epoch" in result.stderr
+    assert (run / "summary.json").is_file() and len(read_oof(run)) == 90

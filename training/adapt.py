@@ -2,8 +2,8 @@
 
 - ``lora``: peft adapters on the configured projections, the head trained in full; saved as a peft adapter folder
   and merged into the base at export.
-- ``linear``: the backbone frozen (and kept in eval mode, so batch-norm statistics do not drift), only the head
-  learns; saved as the head's weights.
+- ``linear``: the backbone frozen, every figure embedded once (no augmentation: the embeddings are cached), only
+  the head learns, in seconds; saved as the head's weights.
 - ``full``: every weight learns (the mode for task-specific models trained from scratch); saved as the whole
   state dict.
 """
@@ -44,6 +44,17 @@ def prepare(classifier: Classifier, cfg: TrainConfig) -> nn.Module:
         return apply_lora(classifier, cfg.lora)
     classifier.backbone.requires_grad_(cfg.mode == "full")
     return classifier
+
+
+class HeadOnly(nn.Module):
+    """The classifier from its embedding on: a linear probe trains it on embeddings computed once."""
+
+    def __init__(self, classifier: Classifier):
+        super().__init__()
+        self.head = getattr(classifier, HEAD)
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.head(embeddings).squeeze(-1)
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # peft matches this against full module names: only the attention projections of the transformer blocks.
 # A bare "proj" would also catch patch_embed.proj, the patch-embedding convolution.
@@ -53,6 +53,14 @@ class TrainConfig(_Strict):
     threshold: Literal["pooled", "domain-balanced"] = Field(
         "pooled", description="maximize BA over pooled out-of-fold figures, or its mean over scanner domains"
     )
+
+    @model_validator(mode="after")
+    def _linear_probe_is_unaugmented(self) -> TrainConfig:
+        augmented = self.augment or self.stain_jitter or self.shift_scale or self.blur
+        if self.mode == "linear" and augmented:
+            raise ValueError("mode linear embeds each figure once: set augment false and stain_jitter, shift_scale, "
+                             "blur 0")  # fmt: skip
+        return self
 
 
 def load_config(path: Path, overrides: dict[str, Any] | None = None) -> TrainConfig:

@@ -38,7 +38,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from training.adapt import learned_state, param_groups, prepare, restore_learned_state, save_fold_model, set_train_mode
+from training.adapt import (
+    HeadOnly,
+    learned_state,
+    param_groups,
+    prepare,
+    restore_learned_state,
+    save_fold_model,
+    set_train_mode,
+)
 from training.config import TrainConfig, load_config, save_config
 from training.data import Figure, decode_figures, read_datasets
 from training.metrics import choose_threshold, summarize
@@ -113,6 +121,13 @@ def classification_loss(logits: torch.Tensor, targets: torch.Tensor, pos_weight:
     p = torch.sigmoid(logits)
     p_true = targets * p + (1 - targets) * (1 - p)
     return (bce * (1 - p_true) ** cfg.focal_gamma).mean()
+
+
+@torch.no_grad()
+def embed_all(classifier, preprocess, pixels: np.ndarray, batch_size: int, device: torch.device) -> np.ndarray:
+    classifier.eval()
+    chunks = (torch.from_numpy(pixels[s : s + batch_size]).to(device) for s in range(0, len(pixels), batch_size))
+    return np.concatenate([classifier.embed(preprocess(chunk)).float().cpu().numpy() for chunk in chunks])
 
 
 @torch.no_grad()
@@ -201,9 +216,14 @@ def train_fold(
     classifier = build_classifier(cfg.backbone, cfg.weights, head_seed=cfg.seed + fold)
     preprocess = Preprocess.for_backbone(classifier.backbone).to(device)
     model = prepare(classifier, cfg).to(device)
-    forward = model
+    network = model  # what a training batch goes through
+    if cfg.mode == "linear":
+        # the backbone is frozen and the inputs unaugmented: embed every figure once, then only the head trains
+        train_x, val_x = (embed_all(classifier, preprocess, x, cfg.eval_batch_size, device) for x in (train_x, val_x))
+        preprocess, network = torch.nn.Identity(), HeadOnly(classifier)
+    forward = network
     if workers.world > 1:
-        forward = DistributedDataParallel(model, device_ids=None if device.index is None else [device.index])
+        forward = DistributedDataParallel(network, device_ids=None if device.index is None else [device.index])
     optimizer = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     if cfg.grad_checkpointing and device.type == "cuda":
@@ -260,7 +280,7 @@ def train_fold(
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses):.3f}")
 
-        val_p = predict_probs(model, preprocess, val_x, cfg.eval_batch_size, device)
+        val_p = predict_probs(network, preprocess, val_x, cfg.eval_batch_size, device)
         metrics = summarize(val_y, val_p, threshold=0.5)
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "seconds": time.perf_counter() - started}
         row.update({k: metrics[k] for k in ("balanced_accuracy", "roc_auc", "sensitivity", "specificity")})

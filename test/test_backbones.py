@@ -149,3 +149,13 @@ def test_lora_targets_attention_projections_only():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert all("lora_" in n or ".atypia_head.modules_to_save." in n for n in trainable)
     assert not any("patch_embed" in n for n in trainable)
+
+
+@pytest.mark.parametrize("name", ["convnext-atto-scratch", "efficientnetv2-b0-scratch", "custom-vit-scratch"])
+def test_every_trainable_weight_of_a_scratch_model_gets_a_gradient(name):
+    """Pooling goes through the model's own head (ConvNeXt's final norm included): no weight is left unused,
+    which DDP would refuse."""
+    clf = build_classifier(name)
+    clf(torch.randn(2, 3, 128, 128)).sum().backward()
+    unused = [n for n, p in clf.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, unused[:5]

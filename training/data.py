@@ -42,6 +42,7 @@ LABELS = {"NMF": 0, "AMF": 1}
 BOOLEANS = {"True": 1, "False": 0, "true": 1, "false": 0, "1": 1, "0": 0}
 PATCH_SIZE = 128
 UNKNOWN = "unknown"
+COORDINATE_TOLERANCE = 3  # pixels
 # MIDOG21 slides by number: 1-50 Hamamatsu XR, 51-100 Hamamatsu S360, 101-150 Aperio CS2 (151-200 unlabeled)
 MIDOG21_SCANNERS = ((50, "Hamamatsu XR"), (100, "Hamamatsu S360"), (150, "Aperio CS2"))
 
@@ -79,6 +80,12 @@ def slide_key(slide: str) -> str:
     """'002.tiff', '002' and '2' name the same MIDOG21 slide."""
     stem = Path(slide.strip()).stem
     return str(int(stem)) if stem.isdigit() else stem
+
+
+def midog25_slide_name(slide: str) -> str:
+    """A MIDOG21 slide as MIDOG25's ``filename`` column names it ('002.tiff'), so that both group together."""
+    key = slide_key(slide)
+    return f"{int(key):03d}.tiff" if key.isdigit() else slide
 
 
 def _read_table(csv_path: Path, columns: tuple[str, ...]) -> list[dict[str, str]]:
@@ -166,7 +173,7 @@ def read_amibr(root: Path) -> list[Figure]:
                 image_id=f"AMi-Br:{name}",
                 path=root / "patches" / ("atypical" if label else "normal") / name,
                 label=label,
-                slide=f"{r['dataset']}:{r['slide']}",
+                slide=midog25_slide_name(r["slide"]) if r["dataset"] == "MIDOG21" else f"{r['dataset']}:{r['slide']}",
                 tumor="human breast cancer",
                 scanner=_midog21_scanner(r["slide"]) if r["dataset"] == "MIDOG21" else UNKNOWN,
                 origin=r["dataset"],
@@ -219,11 +226,16 @@ def read_datasets(roots: list[Path]) -> list[Figure]:
 
 def merge_datasets(tables: list[list[Figure]]) -> list[Figure]:
     """One table; AMi-Br's MIDOG21 figures that MIDOG25 already holds (same slide and coordinates) are dropped."""
-    midog25 = {(slide_key(f.slide), f.coordinates) for t in tables for f in t if f.source == "MIDOG25"}
+    midog25: dict[str, list[tuple[int, int]]] = {}
+    for f in (f for t in tables for f in t if f.source == "MIDOG25" and f.coordinates):
+        midog25.setdefault(slide_key(f.slide), []).append(f.coordinates)
 
     def in_midog25(f: Figure) -> bool:
-        is_midog21 = f.source == "AMi-Br" and f.origin == "MIDOG21"
-        return is_midog21 and (slide_key(f.slide.partition(":")[2]), f.coordinates) in midog25
+        if not (f.source == "AMi-Br" and f.origin == "MIDOG21" and f.coordinates):
+            return False
+        x, y = f.coordinates  # the two tables round coordinates differently: a few pixels apart is the same figure
+        near = COORDINATE_TOLERANCE
+        return any(abs(x - u) <= near and abs(y - v) <= near for u, v in midog25.get(slide_key(f.slide), ()))
 
     merged = [f for t in tables for f in t if not in_midog25(f)]
     dropped = sum(len(t) for t in tables) - len(merged)

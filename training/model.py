@@ -70,8 +70,8 @@ class Classifier(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         features = self.backbone.forward_features(x)
-        if self.pooling == "avg":
-            return features.mean(dim=(2, 3))
+        if self.pooling == "avg":  # the CNN's own head up to its classifier: pooling (and a final norm, if any)
+            return self.backbone.forward_head(features, pre_logits=True)
         if self.pooling == "cls":
             return features[:, 0]
         return torch.cat([features[:, 0], features[:, self.num_prefix_tokens :].mean(dim=1)], dim=-1)

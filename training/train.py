@@ -179,6 +179,14 @@ class Workers:
         if self.world > 1:
             dist.barrier()
 
+    def from_main(self, value):
+        """The first process's ``value``, on every process."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
 
 def join_workers() -> Workers:
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -223,6 +231,8 @@ def train_fold(
         preprocess, network = torch.nn.Identity(), HeadOnly(classifier)
     forward = network
     if workers.world > 1:
+        if device.type == "cuda":  # batch-norm statistics over the whole batch, as one process computes them
+            network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)
         forward = DistributedDataParallel(network, device_ids=None if device.index is None else [device.index])
     optimizer = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
@@ -236,12 +246,16 @@ def train_fold(
     steps_per_epoch = math.ceil(len(train_x) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_fraction * total_steps)
-    state = {"epoch": 0, "best": {"balanced_accuracy": -1.0}, "log_rows": []}
+    # the best epoch's learned weights and validation probabilities travel in the checkpoint and are written out
+    # once, when the fold ends: the fold's files can never disagree with best.json, whenever a kill comes
+    state = {"epoch": 0, "best": {"balanced_accuracy": -1.0}, "best_state": None, "best_probs": None, "log_rows": []}
     if (fold_dir / CHECKPOINT).is_file():
-        state = torch.load(fold_dir / CHECKPOINT, map_location=device, weights_only=False)
+        state = torch.load(fold_dir / CHECKPOINT, map_location="cpu", weights_only=False)
         restore_learned_state(model, state.pop("model"))
         optimizer.load_state_dict(state.pop("optimizer"))
         torch.set_rng_state(state.pop("torch_rng"))
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state.pop("cuda_rng"))  # dropout and drop-path draw from these
         generator.set_state(state.pop("generator_rng"))
         log.info("fold %d: resuming after epoch %d", fold, state["epoch"])
 
@@ -281,6 +295,9 @@ def train_fold(
             bar.set_postfix(loss=f"{np.mean(losses):.3f}")
 
         val_p = predict_probs(network, preprocess, val_x, cfg.eval_batch_size, device)
+        # every process takes the first one's figures, so that best-epoch and early-stopping decisions agree
+        # (batch-norm statistics, kept per process, would otherwise let them drift apart and hang a collective)
+        val_p = workers.from_main(val_p)
         metrics = summarize(val_y, val_p, threshold=0.5)
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "seconds": time.perf_counter() - started}
         row.update({k: metrics[k] for k in ("balanced_accuracy", "roc_auc", "sensitivity", "specificity")})
@@ -293,23 +310,28 @@ def train_fold(
         improved = score > (best["balanced_accuracy"], best.get("roc_auc", -1))
         if improved:
             state["best"] = {"epoch": epoch + 1, **metrics}
+            state["best_state"] = {k: v.cpu() for k, v in learned_state(model, cfg).items()}
+            state["best_probs"] = val_p.tolist()
         state["epoch"] = epoch + 1
         if workers.is_main:
             _write_rows(fold_dir / "log.csv", state["log_rows"])
             for key in ("train_loss", "balanced_accuracy", "roc_auc"):
                 board.add_scalar(f"fold_{fold}/{key}", row[key], epoch + 1)
-            if improved:
-                save_fold_model(model, cfg, fold_dir)
-                _write_predictions(fold_dir / "val.csv", val_figs, fold, val_p)
-            _save_atomically(
-                {**state, "model": learned_state(model, cfg), "optimizer": optimizer.state_dict(),
-                 "torch_rng": torch.get_rng_state(), "generator_rng": generator.get_state()},
-                fold_dir / CHECKPOINT,
-            )  # fmt: skip
+            rng = {"torch_rng": torch.get_rng_state(), "generator_rng": generator.get_state()}
+            if torch.cuda.is_available():
+                rng["cuda_rng"] = torch.cuda.get_rng_state_all()
+            checkpoint = {**state, "model": learned_state(model, cfg), "optimizer": optimizer.state_dict(), **rng}
+            _save_atomically(checkpoint, fold_dir / CHECKPOINT)
 
     if workers.is_main:
-        board.close()
-        (fold_dir / FINISHED_MARKER).write_text(json.dumps(state["best"], indent=1))
+        if board is not None:
+            board.close()
+        restore_learned_state(model, state["best_state"])
+        save_fold_model(model, cfg, fold_dir)
+        _write_predictions(fold_dir / "val.csv", val_figs, fold, np.array(state["best_probs"]))
+        tmp = fold_dir / f".{FINISHED_MARKER}.tmp"
+        tmp.write_text(json.dumps(state["best"], indent=1))
+        os.replace(tmp, fold_dir / FINISHED_MARKER)  # last, and whole: it marks the fold finished
     workers.barrier()
     return state["best"]
 
@@ -393,7 +415,8 @@ def train_run(
     if workers.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, config_path)
-        (run_dir / PROVENANCE).write_text(json.dumps(provenance(data_roots), indent=1))
+        if not (run_dir / PROVENANCE).is_file():  # a resumed run keeps the record of its start
+            (run_dir / PROVENANCE).write_text(json.dumps(provenance(data_roots), indent=1))
         pixels = decode_figures(figures, cache_dir)
         val_folds = load_or_create_splits(run_dir, figures, cfg)
     workers.barrier()

@@ -116,3 +116,5 @@ def test_predict_scores_a_dataset_through_the_serving_path(demo_run, tmp_path):
     for row in rows[1:]:
         _, label, prob, pred, _ = row.split(",")
         assert int(pred) == (float(prob) >= threshold) and label in ("0", "1")
+    report = run_cli("-m", "training", "evaluate", "--predictions", out)  # predict's output feeds evaluate
+    assert "bootstrap interval" in report.stdout

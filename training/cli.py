@@ -1,4 +1,4 @@
-"""``python -m training <command>``: synth | case | train | export | predict."""
+"""``python -m training <command>``: synth | case | train | export | predict | evaluate."""
 
 from __future__ import annotations
 
@@ -45,6 +45,12 @@ def _predict(args: argparse.Namespace) -> None:
     predict_folder(args.model_dir, args.data_root, args.output, device=args.device)
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    from training.evaluate import evaluate_file
+
+    evaluate_file(args.predictions, args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
@@ -86,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, required=True, help="CSV: image_id, label, prob_atypical, pred, domain")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("evaluate", help="the challenge's figures for a predictions CSV, pooled and per domain")
+    p.add_argument("--predictions", type=Path, required=True, help="image_id, label, prob_atypical, pred, domain")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    p.set_defaults(func=_evaluate)
     return parser
 
 

@@ -9,10 +9,9 @@ from pathlib import Path
 from contracts import classify
 from process import OnnxEnsemble
 from training.data import decode_figures, read_dataset
+from training.evaluate import PREDICTION_COLUMNS
 
 log = logging.getLogger(__name__)
-
-PREDICTION_COLUMNS = ("image_id", "label", "prob_atypical", "pred", "domain")
 
 
 def predict_folder(model_dir: Path, data_root: Path, output: Path, device: str = "auto", batch: int = 64) -> None:

@@ -1,0 +1,75 @@
+"""``python -m training evaluate`` against an independent computation of every figure."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import run_cli
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, recall_score, roc_auc_score
+
+from training.evaluate import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, evaluate, read_predictions
+
+
+@pytest.fixture
+def predictions_csv(tmp_path):
+    rng = np.random.default_rng(7)
+    n = 600
+    label = (rng.random(n) < 0.25).astype(int)
+    prob = np.clip(0.3 * label + rng.random(n) * 0.7, 0, 1)
+    pred = (prob >= 0.45).astype(int)
+    domain = rng.choice(["Aperio CS2", "Hamamatsu S360", "Hamamatsu XR"], n)
+    label[domain == "Hamamatsu S360"] = 0  # a one-class domain: its AUC is undefined
+    path = tmp_path / "preds.csv"
+    rows = ["image_id,label,prob_atypical,pred,domain"]
+    rows += [f"{i}.png,{label[i]},{float(prob[i])!r},{pred[i]},{domain[i]}" for i in range(n)]
+    path.write_text("\n".join(rows) + "\n")
+    return path, label, prob, pred, domain
+
+
+def independent(label, prob, pred):
+    both = len(set(label)) == 2
+    return {
+        "balanced_accuracy": balanced_accuracy_score(label, pred) if both else None,
+        "sensitivity": recall_score(label, pred, pos_label=1, zero_division=np.nan) if label.any() else None,
+        "specificity": recall_score(label, pred, pos_label=0),
+        "accuracy": accuracy_score(label, pred),
+        "roc_auc": roc_auc_score(label, prob) if both else None,
+    }
+
+
+def test_every_figure_matches_an_independent_computation(predictions_csv):
+    path, label, prob, pred, domain = predictions_csv
+    result = evaluate(read_predictions(path))
+    for key, expected in independent(label, prob, pred).items():
+        assert abs(result[key] - expected) < 1e-9, key
+    for d in np.unique(domain):
+        m = domain == d
+        for key, expected in independent(label[m], prob[m], pred[m]).items():
+            got = result["domains"][d][key]
+            assert np.isnan(got) if expected is None else abs(got - expected) < 1e-9, (d, key)
+
+    idx = np.random.default_rng(BOOTSTRAP_SEED).integers(0, len(label), size=(BOOTSTRAP_RESAMPLES, len(label)))
+    scores = [balanced_accuracy_score(label[i], pred[i]) for i in idx if 0 < label[i].sum() < len(i)]
+    lo, hi = np.percentile(scores, [2.5, 97.5])
+    assert abs(result["balanced_accuracy_ci"][0] - lo) < 1e-9 and abs(result["balanced_accuracy_ci"][1] - hi) < 1e-9
+    assert lo < result["balanced_accuracy"] < hi
+
+
+def test_cli_prints_a_table_and_writes_json(predictions_csv, tmp_path):
+    path = predictions_csv[0]
+    result = run_cli("-m", "training", "evaluate", "--predictions", path, "--json", tmp_path / "out.json")
+    assert "balanced_accuracy" in result.stdout and "Hamamatsu XR" in result.stdout and "bootstrap" in result.stdout
+    saved = json.loads((tmp_path / "out.json").read_text())
+    assert saved["domains"]["Hamamatsu S360"]["roc_auc"] is None  # NaN written as null
+    assert set(saved) >= {"balanced_accuracy", "sensitivity", "specificity", "accuracy", "roc_auc",
+                          "balanced_accuracy_ci", "domains"}  # fmt: skip
+
+
+def test_bad_predictions_files_are_named(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("image_id,label,prob_atypical,domain\n1.png,1,0.9,x\n")
+    result = run_cli("-m", "training", "evaluate", "--predictions", path, check=False)
+    assert result.returncode == 1 and "missing columns ['pred']" in result.stderr
+    path.write_text("image_id,label,prob_atypical,pred,domain\n1.png,2,0.9,1,x\n")
+    result = run_cli("-m", "training", "evaluate", "--predictions", path, check=False)
+    assert result.returncode == 1 and "row 2" in result.stderr

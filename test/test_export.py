@@ -79,7 +79,7 @@ def test_run_folder_layout(demo_run):
             assert (run / f"fold_{k}" / name).is_file(), f"fold_{k}/{name}"
         assert list((run / f"fold_{k}" / "tensorboard").glob("events.out.tfevents.*"))
     oof = (run / "oof.csv").read_text().splitlines()
-    assert oof[0] == "image_id,fold,label,prob_atypical,domain" and len(oof) == 1 + 600
+    assert oof[0] == "image_id,fold,label,prob_atypical,domain,tumor" and len(oof) == 1 + 600
 
 
 def test_export_refuses_a_run_with_unfinished_folds(demo_run, tmp_path):

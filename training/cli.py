@@ -1,4 +1,4 @@
-"""``python -m training <command>``: synth | case | train | export | predict | evaluate."""
+"""``python -m training <command>``: synth | case | train | export | predict | evaluate | experiment."""
 
 from __future__ import annotations
 
@@ -51,6 +51,12 @@ def _evaluate(args: argparse.Namespace) -> None:
     evaluate_file(args.predictions, args.json)
 
 
+def _experiment(args: argparse.Namespace) -> None:
+    from training.experiment import run_grid
+
+    run_grid(args.config, args.data_root, args.output, args.report_dir, args.shard, args.report_only)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
@@ -97,6 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", type=Path, required=True, help="image_id, label, prob_atypical, pred, domain")
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("experiment", help="train, measure and report a grid of runs (training/configs/experiments)")
+    p.add_argument("--config", type=Path, required=True, help="grid file")
+    p.add_argument("--data-root", type=Path, nargs="+", required=True)
+    p.add_argument("--output", type=Path, required=True, help="grid folder: cells/<cell>/ run folders, cost.json")
+    p.add_argument("--report-dir", type=Path, help="where results.csv, report.md and the plots go (default: output)")
+    p.add_argument("--shard", help="K/N: train only every N-th cell, from the K-th (grids split across machines)")
+    p.add_argument("--report-only", action="store_true", help="train nothing; report the finished cells")
+    p.set_defaults(func=_experiment)
     return parser
 
 

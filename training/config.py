@@ -41,6 +41,11 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.01, ge=0)
     warmup_fraction: float = Field(0.1, ge=0, lt=1)
     patience: int | None = Field(None, ge=1, description="stop a fold after this many epochs without a better BA")
+    selection: Literal["best", "last"] = Field(
+        "best", description="keep the epoch with the best validation BA, or the last epoch (no validation peeking)"
+    )
+    train_fraction: float = Field(1.0, gt=0, le=1, description="train on this share of each class (data scaling)")
+    train_per_class: int | None = Field(None, ge=1, description="train on at most this many figures per class")
     loss: Literal["weighted-bce", "focal"] = Field("weighted-bce", description="both weight atypical figures up")
     focal_gamma: float = Field(2.0, ge=0)
     soft_labels: bool = Field(False, description="targets = fraction of experts voting atypical")
@@ -60,6 +65,13 @@ class TrainConfig(_Strict):
         if self.mode == "linear" and augmented:
             raise ValueError("mode linear embeds each figure once: set augment false and stain_jitter, shift_scale, "
                              "blur 0")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
+    def _last_epoch_runs_every_epoch(self) -> TrainConfig:
+        if self.selection == "last" and self.patience:
+            raise ValueError("selection last keeps the final epoch: early stopping (patience) would peek at "
+                             "validation; set patience null")  # fmt: skip
         return self
 
 

@@ -38,13 +38,20 @@ class Preprocess(nn.Module):
         cfg = resolve_data_config(pretrained_cfg=backbone.pretrained_cfg)
         return cls(cfg["input_size"], cfg["interpolation"], cfg["mean"], cfg["std"])
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels.permute(0, 3, 1, 2).float()
-        # Always resample, even at the target size (an exact identity then): a shape test would freeze into the
-        # exported graph. align_corners=False matches ONNX Resize's half_pixel mode.
+    def resize(self, x: torch.Tensor) -> torch.Tensor:
+        """float [N, 3, H, W] in [0, 255] -> [N, 3, S, S].
+
+        Always resamples, even at the target size (an exact identity then): a shape test would freeze into the
+        exported graph. align_corners=False matches ONNX Resize's half_pixel mode.
+        """
         kwargs = {} if self.mode == "nearest" else {"align_corners": False}
-        x = F.interpolate(x, size=self.size, mode=self.mode, **kwargs)
+        return F.interpolate(x, size=self.size, mode=self.mode, **kwargs)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale + self.shift
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.normalize(self.resize(pixels.permute(0, 3, 1, 2).float()))
 
 
 class Classifier(nn.Module):

@@ -69,6 +69,20 @@ def make_folds(figures: list[Figure], cfg: TrainConfig) -> list[list[str]]:
     return domain_folds(figures, cfg.domain, cfg.folds)
 
 
+def training_subset(labels: np.ndarray, fraction: float, per_class: int | None, seed: int) -> np.ndarray:
+    """Sorted indices of the training figures a data-scaling run keeps: per class, ``fraction`` of its figures
+    (at least one), at most ``per_class``, drawn by a seeded permutation. Smaller amounts are subsets of larger
+    ones (the same permutation's first figures), so a scaling curve adds data rather than swapping it.
+    """
+    rng = np.random.default_rng(seed)
+    keep = []
+    for value in (0, 1):
+        members = np.flatnonzero(np.asarray(labels) == value)
+        n = max(1, round(fraction * len(members))) if len(members) else 0
+        keep.append(rng.permutation(members)[: min(n, per_class or n)])
+    return np.sort(np.concatenate(keep))
+
+
 def load_or_create_splits(run_dir: Path, figures: list[Figure], cfg: TrainConfig) -> list[list[str]]:
     path = run_dir / SPLITS_FILE
     ids = {f.image_id for f in figures}

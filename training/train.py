@@ -11,7 +11,8 @@ Run folder (nnU-Net style)::
     RUN_DIR/fold_<k>/log.csv     one row per epoch, written as it goes (and the same in fold_<k>/tensorboard/)
     RUN_DIR/fold_<k>/val.csv     the best epoch's predictions on the held-out fold
     RUN_DIR/fold_<k>/best.json   best epoch and its validation figures; written last, it marks the fold finished
-    RUN_DIR/oof.csv              all folds' held-out predictions (image_id, fold, label, prob_atypical, domain)
+    RUN_DIR/oof.csv              all folds' held-out predictions (image_id, fold, label, prob_atypical, domain =
+                                 scanner, tumor)
     RUN_DIR/summary.json         threshold chosen on the pooled out-of-fold predictions, and its figures
 
 Rerunning the same command skips finished folds and resumes an interrupted one from its checkpoint, RNG states
@@ -51,7 +52,7 @@ from training.config import TrainConfig, load_config, save_config
 from training.data import Figure, decode_figures, read_datasets
 from training.metrics import choose_threshold, summarize
 from training.model import Preprocess, build_classifier
-from training.splits import load_or_create_splits
+from training.splits import load_or_create_splits, training_subset
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +218,12 @@ def train_fold(
 
     is_val = np.array([f.image_id in val_ids for f in figures])
     labels = np.array([f.label for f in figures], dtype=np.float32)
-    train_x, train_y = pixels[~is_val], labels[~is_val]
+    train_idx = np.flatnonzero(~is_val)
+    if cfg.train_fraction < 1 or cfg.train_per_class:
+        keep = training_subset(labels[train_idx], cfg.train_fraction, cfg.train_per_class, cfg.seed + fold)
+        log.info("fold %d: training on %d of %d figures", fold, len(keep), len(train_idx))
+        train_idx = train_idx[keep]
+    train_x, train_y = pixels[train_idx], labels[train_idx]
     val_x, val_y = pixels[is_val], labels[is_val]
     val_figs = [f for f, v in zip(figures, is_val, strict=True) if v]
 
@@ -239,7 +245,7 @@ def train_fold(
     if cfg.grad_checkpointing and device.type == "cuda":
         classifier.backbone.set_grad_checkpointing(True)
     if cfg.soft_labels:
-        train_y = np.array([f.soft_label for f, v in zip(figures, is_val, strict=True) if not v], dtype=np.float32)
+        train_y = np.array([figures[i].soft_label for i in train_idx], dtype=np.float32)
     # atypical figures are the minority (about 1 in 4 to 1 in 6): weight them up by the class ratio
     pos_weight = torch.tensor((train_y < 0.5).sum() / max(1.0, (train_y >= 0.5).sum()), device=device)
 
@@ -304,12 +310,13 @@ def train_fold(
         state["log_rows"].append(row)
         log.info("fold %d epoch %d: loss %.4f val BA %.4f AUC %.4f", fold, epoch + 1, row["train_loss"],
                  metrics["balanced_accuracy"], metrics["roc_auc"])  # fmt: skip
-        # model selection on balanced accuracy, the challenge's ranking metric; AUC breaks ties
+        # model selection on balanced accuracy, the challenge's ranking metric; AUC breaks ties. With selection
+        # "last" every epoch replaces the previous one: the held-out fold then only measures, never chooses
         best = state["best"]
         score = (metrics["balanced_accuracy"], metrics["roc_auc"])
-        improved = score > (best["balanced_accuracy"], best.get("roc_auc", -1))
+        improved = cfg.selection == "last" or score > (best["balanced_accuracy"], best.get("roc_auc", -1))
         if improved:
-            state["best"] = {"epoch": epoch + 1, **metrics}
+            state["best"] = {"epoch": epoch + 1, "n_train": len(train_idx), **metrics}
             state["best_state"] = {k: v.cpu() for k, v in learned_state(model, cfg).items()}
             state["best_probs"] = val_p.tolist()
         state["epoch"] = epoch + 1
@@ -347,7 +354,14 @@ def _write_predictions(path: Path, figures: list[Figure], fold: int, probs: np.n
     _write_rows(
         path,
         [
-            {"image_id": f.image_id, "fold": fold, "label": f.label, "prob_atypical": float(p), "domain": f.scanner}
+            {
+                "image_id": f.image_id,
+                "fold": fold,
+                "label": f.label,
+                "prob_atypical": float(p),
+                "domain": f.scanner,
+                "tumor": f.tumor,
+            }
             for f, p in zip(figures, probs, strict=True)
         ],
     )

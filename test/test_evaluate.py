@@ -73,3 +73,16 @@ def test_bad_predictions_files_are_named(tmp_path):
     path.write_text("image_id,label,prob_atypical,pred,domain\n1.png,2,0.9,1,x\n")
     result = run_cli("-m", "training", "evaluate", "--predictions", path, check=False)
     assert result.returncode == 1 and "row 2" in result.stderr
+
+
+def test_a_threshold_replaces_the_pred_column(predictions_csv):
+    path = predictions_csv[0]
+
+    def scored(threshold=None):  # as JSON text: the one-class domain's NaN AUC compares equal there
+        return json.dumps(evaluate(read_predictions(path, threshold)), sort_keys=True)
+
+    from_threshold = scored(0.45)  # the fixture's pred = prob >= 0.45
+    assert from_threshold == scored()
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(",".join(c for i, c in enumerate(r.split(",")) if i != 3) for r in lines) + "\n")
+    assert scored(0.45) == from_threshold  # no pred column needed

@@ -48,7 +48,7 @@ def _predict(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from training.evaluate import evaluate_file
 
-    evaluate_file(args.predictions, args.json)
+    evaluate_file(args.predictions, args.json, args.threshold)
 
 
 def _experiment(args: argparse.Namespace) -> None:
@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="the challenge's figures for a predictions CSV, pooled and per domain")
     p.add_argument("--predictions", type=Path, required=True, help="image_id, label, prob_atypical, pred, domain")
     p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--threshold", type=float, help="classes from prob_atypical >= this instead of a pred column")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("experiment", help="train, measure and report a grid of runs (training/configs/experiments)")

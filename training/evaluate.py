@@ -25,15 +25,20 @@ BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0
 
 
-def read_predictions(path: Path) -> dict[str, np.ndarray]:
+def read_predictions(path: Path, threshold: float | None = None) -> dict[str, np.ndarray]:
+    """The predictions file; with ``threshold``, classes come from ``prob_atypical >= threshold`` instead of a
+    ``pred`` column (a run's ``oof.csv`` with its ``summary.json`` threshold)."""
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
-        missing = [c for c in PREDICTION_COLUMNS if c not in (reader.fieldnames or [])]
+        wanted = [c for c in PREDICTION_COLUMNS if not (c == "pred" and threshold is not None)]
+        missing = [c for c in wanted if c not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(f"{path}: missing columns {missing} (want {', '.join(PREDICTION_COLUMNS)})")
         rows = list(reader)
     if not rows:
         raise ValueError(f"{path}: no predictions")
+    if threshold is not None:
+        rows = [{**r, "pred": str(int(float(r["prob_atypical"]) >= threshold))} for r in rows]
     bad = [f"row {i + 2}" for i, r in enumerate(rows) if r["label"] not in ("0", "1") or r["pred"] not in ("0", "1")]
     if bad:
         raise ValueError(f"{path}: label and pred must be 0 or 1 ({', '.join(bad[:5])})")
@@ -96,8 +101,8 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluate_file(path: Path, json_out: Path | None = None) -> dict:
-    result = evaluate(read_predictions(path))
+def evaluate_file(path: Path, json_out: Path | None = None, threshold: float | None = None) -> dict:
+    result = evaluate(read_predictions(path, threshold))
     print(table(result))  # the report is this command's output
     if json_out is not None:
         json_out.write_text(json.dumps(_nan_as_null(result), indent=1, allow_nan=False) + "\n")

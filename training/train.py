@@ -13,7 +13,7 @@ Run folder (nnU-Net style)::
     RUN_DIR/fold_<k>/best.json   best epoch and its validation figures; written last, it marks the fold finished
     RUN_DIR/oof.csv              all folds' held-out predictions (image_id, fold, label, prob_atypical, domain =
                                  scanner, tumor)
-    RUN_DIR/summary.json         threshold chosen on the pooled out-of-fold predictions, and its figures
+    RUN_DIR/summary.json         threshold chosen on the pooled out-of-fold predictions, its figures (also per scanner)
 
 Rerunning the same command skips finished folds and resumes an interrupted one from its checkpoint, RNG states
 included, so a killed run ends where an uninterrupted one would have.
@@ -389,6 +389,9 @@ def pool_out_of_fold(run_dir: Path, cfg: TrainConfig) -> dict:
     threshold = choose_threshold(labels, probs, domains)
     summary = {"threshold": threshold, "oof": summarize(labels, probs, threshold)}
     summary["oof_at_0.5"] = summarize(labels, probs, 0.5)
+    scanners = np.array([r["domain"] for r in rows])
+    summary["oof_by_scanner"] = {str(s): summarize(labels[scanners == s], probs[scanners == s], threshold)
+                                 for s in np.unique(scanners)}  # fmt: skip
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 

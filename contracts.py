@@ -12,17 +12,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 INPUT_INTERFACE = "stacked-histopathology-roi-cropouts"
 ANSWER_FILENAME = "multiple-mitotic-figure-classification.json"
 MANIFEST_FILENAME = "manifest.json"
-MANIFEST_FORMAT_VERSION = 1
+MANIFEST_FORMAT_VERSION = 2  # 2: one graph per precision, chosen per device
 ONNX_INPUT = "pixels"  # uint8 [N, H, W, 3], RGB, any H and W: the graph resizes and normalizes
 ONNX_OUTPUT = "prob_atypical"  # float32 [N], mean over folds of sigmoid(logit)
 MAX_PAGES = 16  # the challenge stacks 1..16 figures per case
 
 Label = Literal["normal", "atypical"]
+Precision = Literal["fp32", "fp16"]
+Device = Literal["cuda", "cpu"]
 
 
 class ContractError(ValueError):
@@ -83,23 +85,55 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-class ModelManifest(BaseModel):
-    """``model/manifest.json``: what the exported ensemble is, how to call it, and where it came from."""
+class ParityCheck(BaseModel):
+    """A reduced-precision graph against the fp32 one, on real patches; ``accepted`` = within the limits."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    format_version: Literal[1] = MANIFEST_FORMAT_VERSION
+    max_abs_dp: float = Field(ge=0.0, description="largest |P(atypical) - P_fp32(atypical)|")
+    class_agreement: float = Field(ge=0.0, le=1.0, description="share of patches given the fp32 graph's class")
+    patches: int = Field(ge=1)
+    provider: str = Field(description="the ONNX Runtime provider that ran both graphs")
+    accepted: bool
+
+
+class ModelManifest(BaseModel):
+    """``model/manifest.json``: what the exported ensemble is, how to call it, and where it came from.
+
+    ``graphs`` names one ONNX file per precision (fp32 always, the reference); ``serve`` says which one each
+    device runs; ``parity`` records every reduced-precision graph's check against fp32, refused ones included.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format_version: Literal[2] = MANIFEST_FORMAT_VERSION
     backbone: str
     folds: int = Field(ge=1)
     threshold: float = Field(ge=0.0, le=1.0)
-    precision: Literal["fp32"] = "fp32"
-    onnx_file: str
+    graphs: dict[Precision, str] = Field(description="precision -> ONNX file name in the model folder")
+    serve: dict[Device, Precision] = {"cuda": "fp32", "cpu": "fp32"}
+    parity: dict[Precision, ParityCheck] = {}
     input_name: Literal["pixels"] = ONNX_INPUT
     output_name: Literal["prob_atypical"] = ONNX_OUTPUT
     files: dict[str, str] = Field(description="file name relative to the model folder -> sha256")
     training_config: dict[str, Any]
     oof_metrics: dict[str, float | None] = Field(description="None where undefined, e.g. AUC with one class")
     created_utc: str
+
+    @model_validator(mode="after")
+    def _served_graphs_exist(self) -> ModelManifest:
+        if "fp32" not in self.graphs:
+            raise ValueError("graphs must include fp32, the reference graph")
+        for device, precision in self.serve.items():
+            if precision not in self.graphs:
+                raise ValueError(f"serve.{device} is {precision}, which graphs does not name")
+            if precision != "fp32" and not (precision in self.parity and self.parity[precision].accepted):
+                raise ValueError(f"serve.{device} is {precision}, which has no accepted parity check")
+        return self
+
+    def graph_for(self, device: Device) -> tuple[Precision, str]:
+        precision = self.serve.get(device, "fp32")
+        return precision, self.graphs[precision]
 
     @classmethod
     def load(cls, model_dir: Path) -> ModelManifest:
@@ -114,9 +148,10 @@ class ModelManifest(BaseModel):
             raise ContractError(f"{path}: invalid manifest at '{where}': {first['msg']}") from None
 
     def verify_files(self, model_dir: Path) -> None:
-        """Every file the manifest names exists with the recorded sha256, and the ONNX file is among them."""
-        if self.onnx_file not in self.files:
-            raise ContractError(f"{model_dir / MANIFEST_FILENAME}: onnx_file {self.onnx_file!r} has no checksum")
+        """Every file the manifest names exists with the recorded sha256, and every graph is among them."""
+        for precision, name in self.graphs.items():
+            if name not in self.files:
+                raise ContractError(f"{model_dir / MANIFEST_FILENAME}: the {precision} graph {name!r} has no checksum")
         for name, expected in self.files.items():
             path = model_dir / name
             if not path.is_file():

@@ -14,6 +14,7 @@ Exit 0 with the answer written, or non-zero with one line on stderr and no outpu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -21,7 +22,9 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageSequence
@@ -29,6 +32,7 @@ from PIL import Image, ImageSequence
 from contracts import (
     ANSWER_FILENAME,
     INPUT_INTERFACE,
+    MANIFEST_FILENAME,
     MAX_PAGES,
     ContractError,
     ModelManifest,
@@ -94,18 +98,38 @@ def read_mha(path: Path) -> list[np.ndarray]:
     return list(array)
 
 
+@contextlib.contextmanager
+def native_stderr_captured() -> Iterator[IO[bytes]]:
+    """libtiff and ITK report damaged files straight to file descriptor 2, a line per problem: keep that off the
+    container's stderr (whose contract is one line) and hand it to the caller, who may quote its first line."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield sink
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def read_stack(path: Path) -> list[np.ndarray]:
     """All pages, in file order, as RGB uint8 [H, W, 3]."""
     if path.stat().st_size == 0:
         raise InputError(f"{path.name}: empty file")
-    try:
-        pages = read_tiff(path) if path.suffix.lower() in TIFF_SUFFIXES else read_mha(path)
-    except InputError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise InputError(f"{path.name}: refused, declared size too large ({err})") from None
-    except Exception as err:  # decoders fail in many ways on damaged files; each is this file's problem
-        raise InputError(f"{path.name}: unreadable image ({err.__class__.__name__}: {err})") from None
+    with native_stderr_captured() as native:
+        try:
+            pages = read_tiff(path) if path.suffix.lower() in TIFF_SUFFIXES else read_mha(path)
+        except InputError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise InputError(f"{path.name}: refused, declared size too large ({err})") from None
+        except Exception as err:  # decoders fail in many ways on damaged files; each is this file's problem
+            native.seek(0)
+            detail = next((line.strip() for line in native.read().decode(errors="replace").splitlines()), "")
+            raise InputError(f"{path.name}: unreadable image ({err.__class__.__name__}: {err})"
+                             + (f" [decoder: {detail}]" if detail else "")) from None  # fmt: skip
     if not pages:
         raise InputError(f"{path.name}: no pages")
     if len(pages) > MAX_PAGES:
@@ -115,9 +139,12 @@ def read_stack(path: Path) -> list[np.ndarray]:
 
 def resolve_model_dir(explicit: Path | None) -> Path:
     if explicit is not None:
+        log.info("model folder %s (--model)", explicit)
         return explicit
-    if (GC_MODEL_DIR / "manifest.json").is_file():
+    if (GC_MODEL_DIR / MANIFEST_FILENAME).is_file():
+        log.info("model folder %s: Grand Challenge's model tarball", GC_MODEL_DIR)
         return GC_MODEL_DIR
+    log.info("model folder %s: baked into the image (no manifest under %s)", BAKED_MODEL_DIR, GC_MODEL_DIR)
     return BAKED_MODEL_DIR
 
 
@@ -136,7 +163,9 @@ class OnnxEnsemble:
             raise DeviceError(f"--device cuda: this onnxruntime build has no CUDA provider (has {available})")
         wants_cuda = device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in available)
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if wants_cuda else ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(model_dir / self.manifest.onnx_file), providers=providers)
+        # the graph the manifest serves on this device: fp16 on CUDA when it passed parity with fp32 at export
+        self.precision, graph = self.manifest.graph_for("cuda" if wants_cuda else "cpu")
+        self.session = ort.InferenceSession(str(model_dir / graph), providers=providers)
         # onnxruntime falls back to CPU without raising when CUDA cannot load: check what is really active
         self.provider = self.session.get_providers()[0]
         if device == "cuda" and self.provider != "CUDAExecutionProvider":
@@ -185,8 +214,8 @@ def run(input_dir: Path, output_dir: Path, model_dir: Path, device: str, quiet: 
     pages = read_stack(stack)
     log.info("read %s: %d page(s)", stack.name, len(pages))
     ensemble = OnnxEnsemble(model_dir, device, quiet)
-    log.info("model %s (%s, %d folds, threshold %.4f) on %s", model_dir, ensemble.manifest.backbone,
-             ensemble.manifest.folds, ensemble.manifest.threshold, ensemble.provider)  # fmt: skip
+    log.info("model %s (%s, %d folds, threshold %.4f) in %s on %s", model_dir, ensemble.manifest.backbone,
+             ensemble.manifest.folds, ensemble.manifest.threshold, ensemble.precision, ensemble.provider)  # fmt: skip
     probs = ensemble.predict(pages)
     answer = build_answer(probs, ensemble.manifest.threshold)
     validate_answer(answer, len(pages))

@@ -44,3 +44,29 @@ def demo_run(tmp_path_factory) -> dict[str, Path]:
     run_cli("-m", "training", "train", "--config", DEMO_CONFIG, "--data-root", data, "--output", run)
     run_cli("-m", "training", "export", run, "--output", model)
     return {"data": data, "run": run, "model": model}
+
+
+def red_mean_model(model_dir: Path) -> Path:
+    """An exported model folder whose P(atypical) is known: the mean red value of the page / 255."""
+    import torch
+    from torch import nn
+
+    from contracts import ModelManifest, sha256_of
+    from training.export import export_onnx
+    from training.model import Ensemble, Preprocess
+
+    class RedMean(nn.Module):
+        def forward(self, x):
+            p = x[:, 0].mean(dim=(1, 2)).clamp(1e-6, 1 - 1e-6)
+            return torch.log(p) - torch.log1p(-p)  # logit, so that the ensemble's sigmoid returns p
+
+    ensemble = Ensemble(Preprocess((128, 128), "bilinear", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), [RedMean(), RedMean()])
+    model_dir.mkdir()
+    export_onnx(ensemble.eval(), torch.zeros(2, 128, 128, 3, dtype=torch.uint8), model_dir / "ensemble.onnx")
+    files = {p.name: sha256_of(p) for p in model_dir.iterdir()}
+    manifest = ModelManifest(
+        backbone="red-mean", folds=2, threshold=0.5, graphs={"fp32": "ensemble.onnx"}, files=files,
+        training_config={}, oof_metrics={}, created_utc="2026-01-01T00:00:00+00:00",
+    )  # fmt: skip
+    (model_dir / "manifest.json").write_text(manifest.model_dump_json())
+    return model_dir

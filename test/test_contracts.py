@@ -62,7 +62,7 @@ def _manifest(tmp_path, **overrides):
         "backbone": "tiny-virchow",
         "folds": 3,
         "threshold": 0.4,
-        "onnx_file": "ensemble.onnx",
+        "graphs": {"fp32": "ensemble.onnx"},
         "files": {"ensemble.onnx": sha256_of(tmp_path / "ensemble.onnx")},
         "training_config": {},
         "oof_metrics": {"balanced_accuracy": 0.8},
@@ -91,6 +91,23 @@ def test_manifest_rejects_unknown_keys_and_bad_versions(tmp_path):
     with pytest.raises(ContractError, match="surprise"):
         ModelManifest.load(_manifest(tmp_path, surprise=1))
     with pytest.raises(ContractError, match="format_version"):
-        ModelManifest.load(_manifest(tmp_path, format_version=2))
+        ModelManifest.load(_manifest(tmp_path, format_version=1))
     with pytest.raises(ContractError, match="no manifest"):
         ModelManifest.load(tmp_path / "nowhere")
+
+
+def test_manifest_serves_only_graphs_that_passed_parity(tmp_path):
+    (tmp_path / "ensemble.fp16.onnx").write_bytes(b"half")
+    fp16 = {"graphs": {"fp32": "ensemble.onnx", "fp16": "ensemble.fp16.onnx"}, "serve": {"cuda": "fp16", "cpu": "fp32"}}
+    check = {"max_abs_dp": 2e-4, "class_agreement": 1.0, "patches": 64, "provider": "CPUExecutionProvider"}
+    manifest = ModelManifest.load(_manifest(tmp_path, **fp16, parity={"fp16": {**check, "accepted": True}}))
+    assert manifest.graph_for("cuda") == ("fp16", "ensemble.fp16.onnx")
+    assert manifest.graph_for("cpu") == ("fp32", "ensemble.onnx")
+    with pytest.raises(ContractError, match=r"the fp16 graph 'ensemble\.fp16\.onnx' has no checksum"):
+        manifest.verify_files(tmp_path)
+    with pytest.raises(ContractError, match="no accepted parity check"):
+        ModelManifest.load(_manifest(tmp_path, **fp16, parity={"fp16": {**check, "accepted": False}}))
+    with pytest.raises(ContractError, match="no accepted parity check"):
+        ModelManifest.load(_manifest(tmp_path, **fp16))
+    with pytest.raises(ContractError, match="graphs must include fp32"):
+        ModelManifest.load(_manifest(tmp_path, graphs={"fp16": "ensemble.fp16.onnx"}, serve={}))

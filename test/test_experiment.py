@@ -12,7 +12,7 @@ from conftest import DEMO_CONFIG, REPO, run_cli
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 import training.experiment as experiment
-from training.data import Figure
+from training.data import Figure, read_datasets
 from training.experiment import expand, gaussian_blur, load_grid, run_grid
 from training.model import Preprocess
 from training.splits import training_subset
@@ -124,7 +124,8 @@ def test_finished_cells_are_not_recomputed_and_shards_split_the_grid(grid_run, t
     rows = run_grid(grid_run["grid"], [grid_run["root"] / "data"], grid_run["out"])
     assert trained == [] and len(rows) == len(EXPECTED_CELLS)
 
-    names = sorted(EXPECTED_CELLS)
+    names = [c.name for c in expand(load_grid(grid_run["grid"]), read_datasets([grid_run["root"] / "data"]))]
+    assert names[:2] == ["tiny-lora__slide__50pct__seed42", "tiny-lora__slide__100pct__seed42"]  # as declared
     for k in (0, 1):
         trained.clear()
         rows = run_grid(grid_run["grid"], [grid_run["root"] / "data"], tmp_path / "fresh", shard=f"{k}/2")

@@ -118,3 +118,30 @@ def test_predict_scores_a_dataset_through_the_serving_path(demo_run, tmp_path):
         assert int(pred) == (float(prob) >= threshold) and label in ("0", "1")
     report = run_cli("-m", "training", "evaluate", "--predictions", out)  # predict's output feeds evaluate
     assert "bootstrap interval" in report.stdout
+
+
+def test_fp16_graph_is_served_on_cuda_only_after_parity_with_fp32(demo_run, pixels):
+    manifest = ModelManifest.load(demo_run["model"])
+    check = manifest.parity["fp16"]
+    assert check.accepted and manifest.serve == {"cuda": "fp16", "cpu": "fp32"}
+    assert check.patches == 64 and check.class_agreement == 1.0 and 0 < check.max_abs_dp <= 1e-3
+    half = onnx.load(str(demo_run["model"] / manifest.graphs["fp16"]))
+    weights = [init.data_type for init in half.graph.initializer if len(init.dims) >= 2]
+    assert weights and all(t == onnx.TensorProto.FLOAT16 for t in weights)
+    assert half.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # the contract's float32
+    runs = [ort.InferenceSession(str(demo_run["model"] / manifest.graphs[p]), providers=["CPUExecutionProvider"])
+            for p in ("fp32", "fp16")]  # fmt: skip
+    p32, p16 = (s.run(None, {"pixels": pixels})[0] for s in runs)
+    assert 0 < np.abs(p32 - p16).max() <= 1e-3
+
+
+def test_fp16_that_fails_parity_is_refused_and_recorded(demo_run, tmp_path, monkeypatch):
+    import training.export as export
+
+    monkeypatch.setattr(export, "FP16_MAX_DP", 0.0)  # no fp16 graph can be that exact
+    manifest = export.export_run(demo_run["run"], tmp_path / "model")
+    assert manifest.graphs == {"fp32": "ensemble.onnx"} and manifest.serve == {"cuda": "fp32", "cpu": "fp32"}
+    assert not manifest.parity["fp16"].accepted and manifest.parity["fp16"].max_abs_dp > 0
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [
+        "ensemble.onnx", "ensemble.onnx.data", "manifest.json"
+    ]  # fmt: skip

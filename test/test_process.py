@@ -7,13 +7,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import REPO, run_cli, shared_path
+from conftest import REPO, red_mean_model, run_cli, shared_path
 from PIL import Image
-from torch import nn
 
-from contracts import ANSWER_FILENAME, INPUT_INTERFACE, ModelManifest, sha256_of, validate_answer
-from training.export import export_onnx
-from training.model import Ensemble, Preprocess
+from contracts import ANSWER_FILENAME, INPUT_INTERFACE, validate_answer
 from training.synthetic import synthetic_figures, write_case
 
 PROCESS = REPO / "process.py"
@@ -28,6 +25,9 @@ def answer_for(case_dir, model_dir, out_dir, *extra):
 def assert_clean_failure(result, out_dir, *expected_words):
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
+    assert all(line.split(" ", 1)[0] in ("INFO", "WARNING", "ERROR") for line in result.stderr.splitlines()), (
+        result.stderr  # nothing but our log: no decoder's own lines
+    )
     errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 1, result.stderr
     for word in expected_words:
@@ -83,28 +83,8 @@ def test_tiff_and_mha_of_the_same_pages_agree(model_dir, pages, tmp_path):
     assert from_tiff == from_mha
 
 
-def _constant_prob_model(model_dir):
-    """A model whose P(atypical) is known: the mean red value of the page / 255."""
-
-    class RedMean(nn.Module):
-        def forward(self, x):
-            p = x[:, 0].mean(dim=(1, 2)).clamp(1e-6, 1 - 1e-6)
-            return torch.log(p) - torch.log1p(-p)  # logit, so that the ensemble's sigmoid returns p
-
-    ensemble = Ensemble(Preprocess((128, 128), "bilinear", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), [RedMean(), RedMean()])
-    model_dir.mkdir()
-    export_onnx(ensemble.eval(), torch.zeros(2, 128, 128, 3, dtype=torch.uint8), model_dir / "ensemble.onnx")
-    files = {p.name: sha256_of(p) for p in model_dir.iterdir()}
-    manifest = ModelManifest(
-        backbone="red-mean", folds=2, threshold=0.5, onnx_file="ensemble.onnx", files=files,
-        training_config={}, oof_metrics={}, created_utc="2026-01-01T00:00:00+00:00",
-    )  # fmt: skip
-    (model_dir / "manifest.json").write_text(manifest.model_dump_json())
-    return model_dir
-
-
 def test_confidence_polarity_and_threshold_with_a_known_model(tmp_path):
-    model_dir = _constant_prob_model(tmp_path / "model")
+    model_dir = red_mean_model(tmp_path / "model")
     reds = [25, 230, 120, 140, 255, 0]
     stack = np.zeros((len(reds), 128, 128, 3), np.uint8)
     stack[..., 0] = np.array(reds, np.uint8)[:, None, None]
@@ -201,3 +181,72 @@ def test_a_failed_run_leaves_no_earlier_answer_behind(model_dir, tmp_path):
     case = _case_with_file(tmp_path, "empty.tiff", b"")
     result = run_cli(PROCESS, "--input", case, "--output", out, "--model", model_dir, check=False)
     assert_clean_failure(result, out, "empty.tiff")
+
+
+def tiff_with_declared_size(path, width: int, height: int) -> None:
+    """A valid one-page 128 px TIFF whose header then claims width x height (LONG ImageWidth/ImageLength)."""
+    import struct
+
+    Image.new("RGB", (128, 128)).save(path, compression="raw")
+    data = bytearray(path.read_bytes())
+    assert data[:2] == b"II"
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for i in range(struct.unpack_from("<H", data, ifd)[0]):
+        entry = ifd + 2 + 12 * i
+        tag = struct.unpack_from("<H", data, entry)[0]
+        if tag in (256, 257):
+            struct.pack_into("<HHII", data, entry, tag, 4, 1, width if tag == 256 else height)
+    path.write_bytes(bytes(data))
+
+
+def test_decompression_bomb_is_refused_before_decoding(model_dir, tmp_path):
+    case = _case_with_file(tmp_path, "placeholder", b"")
+    tiff_with_declared_size(case / "images" / INPUT_INTERFACE / "bomb.tiff", 100_000, 100_000)
+    result = run_cli(PROCESS, "--input", case, "--output", tmp_path / "out", "--model", model_dir, check=False)
+    assert_clean_failure(result, tmp_path / "out", "bomb.tiff", "too large")
+
+
+@pytest.mark.parametrize("damage", ["not json", "missing key", "wrong threshold type"])
+def test_a_manifest_that_does_not_parse_fails_cleanly(model_dir, tmp_path, damage):
+    broken = shutil.copytree(model_dir, tmp_path / "model")
+    manifest = json.loads((broken / "manifest.json").read_text())
+    if damage == "missing key":
+        del manifest["graphs"]
+    elif damage == "wrong threshold type":
+        manifest["threshold"] = "half"
+    text = "{" if damage == "not json" else json.dumps(manifest)
+    (broken / "manifest.json").write_text(text)
+    result = run_cli(PROCESS, "--input", REPO / "test" / "input", "--output", tmp_path / "out", "--model", broken,
+                     check=False)  # fmt: skip
+    assert_clean_failure(result, tmp_path / "out", "manifest")
+
+
+def test_the_model_folder_in_use_is_logged(model_dir, tmp_path):
+    _, result = answer_for(REPO / "test" / "input", model_dir, tmp_path)
+    assert f"model folder {model_dir} (--model)" in result.stderr
+    assert "in fp32 on CPUExecutionProvider" in result.stderr  # --device cpu serves the fp32 graph
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "L", "P", "LA", "I;16", "CMYK", "1"])
+def test_pages_of_any_mode_become_rgb(model_dir, pages, tmp_path, mode):
+    image_dir = tmp_path / "in" / "images" / INPUT_INTERFACE
+    image_dir.mkdir(parents=True)
+    converted = [Image.fromarray(p).convert("L").convert(mode) if mode == "I;16" else Image.fromarray(p).convert(mode)
+                 for p in pages[:3]]  # fmt: skip
+    converted[0].save(image_dir / "stack.tif", save_all=True, append_images=converted[1:])
+    answer, _ = answer_for(tmp_path / "in", model_dir, tmp_path / "out")
+    validate_answer(answer, n_pages=3)
+
+
+def test_a_damaged_compressed_tiff_fails_in_one_line_quoting_the_decoder(model_dir, tmp_path):
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(
+        buffer, format="TIFF", compression="tiff_adobe_deflate"
+    )
+    data = bytearray(buffer.getvalue())
+    data[200:260] = bytes(b ^ 0x55 for b in data[200:260])  # inside the deflate stream
+    case = _case_with_file(tmp_path, "damaged.tiff", bytes(data))
+    result = run_cli(PROCESS, "--input", case, "--output", tmp_path / "out", "--model", model_dir, check=False)
+    assert_clean_failure(result, tmp_path / "out", "damaged.tiff", "unreadable", "ZIPDecode")

@@ -151,7 +151,8 @@ def load_grid(path: Path) -> GridConfig:
 
 
 def expand(grid: GridConfig, figures: list[Figure]) -> list[Cell]:
-    """Every distinct cell of every study, sorted by name; configs validated here, before anything trains."""
+    """Every distinct cell of every study, in the order the grid file declares them (put what matters first);
+    configs validated here, before anything trains."""
     cells: dict[str, Cell] = {}
     for study in grid.studies:
         for method in study.methods or list(grid.methods):
@@ -169,7 +170,7 @@ def expand(grid: GridConfig, figures: list[Figure]) -> list[Cell]:
                                     config=load_config(grid.base, {**changes, "seed": seed}))  # fmt: skip
                         cell = cell.model_copy(update={"config": cell.config.model_copy(update={"name": cell.name})})
                         cells[cell.name] = cell
-    return [cells[name] for name in sorted(cells)]
+    return list(cells.values())
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:

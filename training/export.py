@@ -21,7 +21,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from contracts import MANIFEST_FILENAME, ONNX_INPUT, ONNX_OUTPUT, ModelManifest, sha256_of
+from contracts import MANIFEST_FILENAME, ONNX_INPUT, ONNX_OUTPUT, ModelManifest, ParityCheck, sha256_of
 from training.adapt import load_fold_model
 from training.config import load_config
 from training.data import decode_figures, read_datasets
@@ -32,9 +32,13 @@ from training.train import PROVENANCE, unfinished_folds
 log = logging.getLogger(__name__)
 
 ONNX_FILE = "ensemble.onnx"
+FP16_FILE = "ensemble.fp16.onnx"
 OPSET = 18
 MERGE_ATOL = 1e-4  # logits, fp32
 ONNX_ATOL = 1e-4  # probabilities, fp32
+FP16_MAX_DP = 1e-3  # fp16 against fp32: P(atypical), and every class the same
+PARITY_PATCHES = 64
+PROTOBUF_LIMIT = 2**31 - 1  # a graph beyond 2 GB cannot be one protobuf: shape inference must not rebuild it
 
 
 class ExportCheckError(RuntimeError):
@@ -101,12 +105,42 @@ def compare_with_torch(ensemble: Ensemble, onnx_path: Path, batches: list[np.nda
     return worst
 
 
+def write_fp16(fp32_path: Path, fp16_path: Path) -> None:
+    """The fp32 graph with its weights and arithmetic in fp16; input (uint8) and output (float32) unchanged."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    size = sum(p.stat().st_size for p in fp32_path.parent.glob(f"{fp32_path.name}*"))
+    model = onnx.load(str(fp32_path))  # external weights loaded too
+    half = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=size > PROTOBUF_LIMIT)
+    onnx.save(half, str(fp16_path), save_as_external_data=True, location=f"{fp16_path.name}.data")
+    onnx.checker.check_model(str(fp16_path))
+
+
+def check_parity(reference: Path, candidate: Path, pixels: np.ndarray, threshold: float, max_dp: float,
+                 min_agreement: float) -> ParityCheck:  # fmt: skip
+    """Both graphs on the same real patches, on CUDA when this machine has it (where fp16 is served)."""
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+    probs = []
+    for path in (reference, candidate):
+        session = ort.InferenceSession(str(path), providers=providers)
+        probs.append(np.concatenate([session.run([ONNX_OUTPUT], {ONNX_INPUT: pixels[s : s + 16]})[0]
+                                     for s in range(0, len(pixels), 16)]))  # fmt: skip
+    dp = float(np.abs(probs[1].astype(np.float64) - probs[0]).max())
+    agreement = float(((probs[0] >= threshold) == (probs[1] >= threshold)).mean())
+    accepted = dp <= max_dp and agreement >= min_agreement
+    provider = session.get_providers()[0]
+    return ParityCheck(max_abs_dp=dp, class_agreement=agreement, patches=len(pixels), provider=provider,
+                       accepted=accepted)  # fmt: skip
+
+
 def export_run(run_dir: Path, output_dir: Path) -> ModelManifest:
     cfg = load_config(run_dir / "config.yaml")
     if unfinished := unfinished_folds(run_dir, cfg.folds):
         raise ValueError(f"{run_dir}: fold(s) {unfinished} have not finished training")
     summary = json.loads((run_dir / "summary.json").read_text())
-    pixels = verification_pixels(run_dir)
+    parity_pixels = verification_pixels(run_dir, PARITY_PATCHES)
+    pixels = parity_pixels[:: max(1, len(parity_pixels) // 16)][:16]
 
     folds = [fold_model(run_dir, k, pixels) for k in range(cfg.folds)]
     ensemble = Ensemble(Preprocess.for_backbone(folds[0].backbone), folds).eval()
@@ -120,9 +154,17 @@ def export_run(run_dir: Path, output_dir: Path) -> ModelManifest:
         export_onnx(ensemble, torch.from_numpy(pixels[:2]), staged)
         worst = compare_with_torch(ensemble, staged, batches)
         log.info("ONNX Runtime vs PyTorch: max |dp| %.2e over %d batches", worst, len(batches))
+        write_fp16(staged, staged.with_name(FP16_FILE))
+        fp16 = check_parity(staged, staged.with_name(FP16_FILE), parity_pixels, summary["threshold"], FP16_MAX_DP, 1.0)
+        verdict = "served on CUDA" if fp16.accepted else f"refused (limits {FP16_MAX_DP}, 100%): fp32 everywhere"
+        log.info("fp16 vs fp32 on %d patches (%s): max |dp| %.2e, classes agree on %.1f%%: %s", fp16.patches,
+                 fp16.provider, fp16.max_abs_dp, 100 * fp16.class_agreement, verdict)  # fmt: skip
+        if not fp16.accepted:
+            for refused in Path(tmp).glob(f"{FP16_FILE}*"):
+                refused.unlink()
         files = sorted(p.name for p in Path(tmp).iterdir())
-        for old in [ONNX_FILE, f"{ONNX_FILE}.data", MANIFEST_FILENAME]:
-            (output_dir / old).unlink(missing_ok=True)
+        for old in [*output_dir.glob("ensemble*.onnx*"), output_dir / MANIFEST_FILENAME]:
+            old.unlink(missing_ok=True)
         for name in files:
             shutil.move(Path(tmp) / name, output_dir / name)
             (output_dir / name).chmod(0o644)  # the container reads them as another, non-root user
@@ -131,7 +173,9 @@ def export_run(run_dir: Path, output_dir: Path) -> ModelManifest:
         backbone=cfg.backbone,
         folds=cfg.folds,
         threshold=summary["threshold"],
-        onnx_file=ONNX_FILE,
+        graphs={"fp32": ONNX_FILE, **({"fp16": FP16_FILE} if fp16.accepted else {})},
+        serve={"cuda": "fp16" if fp16.accepted else "fp32", "cpu": "fp32"},
+        parity={"fp16": fp16},
         files={name: sha256_of(output_dir / name) for name in files},
         training_config=cfg.model_dump(),
         oof_metrics={k: float(v) if math.isfinite(v) else None for k, v in summary["oof"].items()},

@@ -22,7 +22,10 @@ output_dir=$(mktemp -d)
 trap 'rm -rf "$output_dir"' EXIT
 chmod 777 "$output_dir"  # the container runs as a non-root user
 
-run_flags=(--rm --network none --shm-size 128m --volume "$PWD/test/input:/input:ro" --volume "$output_dir:/output")
+# stricter than Grand Challenge on one point: a read-only root file system, so a write outside /output and /tmp
+# (a cache, a log file) fails here instead of on the platform
+run_flags=(--rm --network none --shm-size 128m --read-only --tmpfs /tmp
+    --volume "$PWD/test/input:/input:ro" --volume "$output_dir:/output")
 device_args=()
 if [ -n "$GPUS" ]; then
     run_flags+=(--gpus "$GPUS")

@@ -82,6 +82,7 @@ def test_test_sh_with_gpus_fails_when_cuda_is_not_active(demo_run, tmp_path):
     assert "--device cuda" in result.stderr
     run_args = docker_calls(log)[1]
     assert run_args[run_args.index("--gpus") + 1] == "all"
+    assert "--read-only" in run_args and run_args[run_args.index("--tmpfs") + 1] == "/tmp"
 
 
 def test_export_sh_writes_the_image_and_the_model_tarball(demo_run, tmp_path):

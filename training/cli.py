@@ -1,4 +1,4 @@
-"""``python -m training <command>``: synth | case | train | export | predict | evaluate | experiment."""
+"""``python -m training <command>``: synth | case | train | export | predict | evaluate | experiment | cold-start."""
 
 from __future__ import annotations
 
@@ -57,6 +57,12 @@ def _experiment(args: argparse.Namespace) -> None:
     run_grid(args.config, args.data_root, args.output, args.report_dir, args.shard, args.report_only)
 
 
+def _cold_start(args: argparse.Namespace) -> None:
+    from training.bench import cold_start_report
+
+    cold_start_report(args.model_dir, args.input, args.device, args.repeats, args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
@@ -113,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", help="K/N: train only every N-th cell, from the K-th (grids split across machines)")
     p.add_argument("--report-only", action="store_true", help="train nothing; report the finished cells")
     p.set_defaults(func=_experiment)
+
+    p = sub.add_parser("cold-start", help="time process.py from process start to the answer written, and its parts")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--input", type=Path, default=Path("test/input"), help="case folder (default: test/input)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    p.set_defaults(func=_cold_start)
     return parser
 
 

@@ -119,7 +119,8 @@ def write_fp16(fp32_path: Path, fp16_path: Path) -> None:
 def check_parity(reference: Path, candidate: Path, pixels: np.ndarray, threshold: float, max_dp: float,
                  min_agreement: float) -> ParityCheck:  # fmt: skip
     """Both graphs on the same real patches, on CUDA when this machine has it (where fp16 is served)."""
-    cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    # the onnxruntime-gpu wheel lists CUDA even where it cannot load; torch tells whether a GPU is really there
+    cuda = torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
     probs = []
     for path in (reference, candidate):

@@ -15,3 +15,4 @@ def test_cold_start_times_the_container_path(tmp_path):
     assert 0 < result["predict_s"] < parts  # every part measured
     assert parts < 3 * result["cold_start_s"]  # the parts belong to the same path as the whole
     assert result["cold_start_s_min"] <= result["cold_start_s"]
+    assert result["session_as_exported_s"] > 0 and result["session_preoptimized_s"] > 0

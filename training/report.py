@@ -101,6 +101,17 @@ def _mean_over_seeds(rows: list[dict], key: str) -> dict[tuple[str, str, str], f
     return {k: float(np.mean(v)) for k, v in groups.items()}
 
 
+def _save(fig, path: Path) -> bool:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _full_data_first_seed(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["data"] == "100%" and r["seed"] == min(x["seed"] for x in rows)]
+
+
 def plot_data_scaling(rows: list[dict], path: Path) -> bool:
     """Balanced accuracy vs training figures per fold, one line per method, one panel per split that varies data."""
     splits = sorted({r["split"] for r in rows if len({x["data"] for x in rows if x["split"] == r["split"]}) > 1})
@@ -116,15 +127,12 @@ def plot_data_scaling(rows: list[dict], path: Path) -> bool:
                title=f"data scaling, {split} split")  # fmt: skip
         ax.axhline(0.5, color="grey", lw=0.8, ls=":")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def plot_roc(rows: list[dict], path: Path) -> bool:
     """ROC curve of every fold, and of the pooled out-of-fold predictions, per full-data cell (first seed)."""
-    chosen = [r for r in rows if r["data"] == "100%" and r["seed"] == min(x["seed"] for x in rows)]
+    chosen = _full_data_first_seed(rows)
     if not chosen:
         return False
     cols = min(4, len(chosen))
@@ -145,15 +153,12 @@ def plot_roc(rows: list[dict], path: Path) -> bool:
         ax.legend(fontsize=7, loc="lower right")
     for ax in list(axes.flat)[len(chosen) :]:
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def plot_domains(rows: list[dict], path: Path) -> bool:
     """Per-domain balanced accuracy, one group of bars per domain, one bar per method (full-data cells)."""
-    chosen = [r for r in rows if r["data"] == "100%" and r["seed"] == min(x["seed"] for x in rows)]
+    chosen = _full_data_first_seed(rows)
     if not chosen:
         return False
     panels = sorted({r["split"] for r in chosen})
@@ -170,10 +175,7 @@ def plot_domains(rows: list[dict], path: Path) -> bool:
         ax.set(ylim=(0, 1), ylabel="balanced accuracy", title=f"{split} split{held_out}")
         ax.axhline(0.5, color="grey", lw=0.8, ls=":")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def plot_blur(rows: list[dict], path: Path) -> bool:
@@ -192,10 +194,7 @@ def plot_blur(rows: list[dict], path: Path) -> bool:
         ax.set(xlabel="Gaussian blur sigma (pixels of the image blurred)", ylabel=key)
         ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def plot_cost(rows: list[dict], path: Path) -> bool:
@@ -210,10 +209,7 @@ def plot_cost(rows: list[dict], path: Path) -> bool:
         ax.scatter(gflops, value)
         ax.annotate(method, (gflops, value), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set(xscale="log", xlabel="GFLOPs per figure", ylabel="balanced accuracy (slide split, all data)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 PLOTS = {

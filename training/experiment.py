@@ -27,6 +27,7 @@ share ``OUT``; ``--report-only`` writes the report from the finished cells.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -155,21 +156,18 @@ def expand(grid: GridConfig, figures: list[Figure]) -> list[Cell]:
     configs validated here, before anything trains."""
     cells: dict[str, Cell] = {}
     for study in grid.studies:
-        for method in study.methods or list(grid.methods):
-            for split in study.split:
-                for amount in study.data:
-                    for seed in study.seeds:
-                        changes = {**grid.overrides, **grid.methods[method], **SPLITS[split], **parse_amount(amount)}
-                        if split.endswith("-out"):  # one fold per domain present in the data
-                            domains = {getattr(f, SPLITS[split]["domain"]) for f in figures}
-                            if len(domains) < 2:
-                                raise ValueError(f"study {study.name}: {split} needs two or more domains; the "
-                                                 f"data has {sorted(domains)}")  # fmt: skip
-                            changes["folds"] = len(domains)
-                        cell = Cell(method=method, split=split, data=amount, seed=seed,
-                                    config=load_config(grid.base, {**changes, "seed": seed}))  # fmt: skip
-                        cell = cell.model_copy(update={"config": cell.config.model_copy(update={"name": cell.name})})
-                        cells[cell.name] = cell
+        axes = (study.methods or list(grid.methods), study.split, study.data, study.seeds)
+        for method, split, amount, seed in itertools.product(*axes):
+            changes = {**grid.overrides, **grid.methods[method], **SPLITS[split], **parse_amount(amount), "seed": seed}
+            if split.endswith("-out"):  # one fold per domain present in the data
+                domains = {getattr(f, SPLITS[split]["domain"]) for f in figures}
+                if len(domains) < 2:
+                    raise ValueError(f"study {study.name}: {split} needs two or more domains; the data has "
+                                     f"{sorted(domains)}")  # fmt: skip
+                changes["folds"] = len(domains)
+            cell = Cell(method=method, split=split, data=amount, seed=seed, config=load_config(grid.base, changes))
+            cell = cell.model_copy(update={"config": cell.config.model_copy(update={"name": cell.name})})
+            cells[cell.name] = cell
     return list(cells.values())
 
 
@@ -189,8 +187,8 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 @torch.no_grad()
 def blurred_probs(model: torch.nn.Module, preprocess: Preprocess, pixels: np.ndarray, sigma: float, where: str,
                   batch_size: int = 128) -> np.ndarray:  # fmt: skip
-    """P(atypical) with the figures blurred ``pre`` (on the 128 px crop-out, as a blurry scan) or ``post`` (on the
-    model's input after the resize) the resize; the two differ by the resize factor, not at all at native size."""
+    """P(atypical) with the figures blurred ``pre`` the resize (on the 128 px crop-out, as a blurry scan would be)
+    or ``post`` it (on the model's input); the two differ by the resize factor, and not at all at native size."""
     device = next(model.parameters()).device
     probs = []
     for start in range(0, len(pixels), batch_size):

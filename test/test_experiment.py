@@ -39,7 +39,7 @@ EXPECTED_CELLS = {
 
 
 def write_grid(path: Path, grid: dict) -> Path:
-    path.write_text(yaml.safe_dump(grid))
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))  # method order is cell order
     return path
 
 

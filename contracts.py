@@ -23,7 +23,7 @@ ONNX_OUTPUT = "prob_atypical"  # float32 [N], mean over folds of sigmoid(logit)
 MAX_PAGES = 16  # the challenge stacks 1..16 figures per case
 
 Label = Literal["normal", "atypical"]
-Precision = Literal["fp32", "fp16"]
+Precision = Literal["fp32", "fp16", "int8"]  # int8: MatMul weights, activations quantized per batch
 Device = Literal["cuda", "cpu"]
 
 

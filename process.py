@@ -151,7 +151,7 @@ def resolve_model_dir(explicit: Path | None) -> Path:
 class OnnxEnsemble:
     """The exported ONNX ensemble in one ONNX Runtime session."""
 
-    def __init__(self, model_dir: Path, device: str, quiet: bool = True):
+    def __init__(self, model_dir: Path, device: str, quiet: bool = True, precision: str | None = None):
         import onnxruntime as ort
 
         self.manifest = ModelManifest.load(model_dir)
@@ -165,6 +165,8 @@ class OnnxEnsemble:
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if wants_cuda else ["CPUExecutionProvider"]
         # the graph the manifest serves on this device: fp16 on CUDA when it passed parity with fp32 at export
         self.precision, graph = self.manifest.graph_for("cuda" if wants_cuda else "cpu")
+        if precision is not None:  # another of the folder's graphs (benchmarks compare them)
+            self.precision, graph = precision, self.manifest.graphs[precision]
         self.session = ort.InferenceSession(str(model_dir / graph), providers=providers)
         # onnxruntime falls back to CPU without raising when CUDA cannot load: check what is really active
         self.provider = self.session.get_providers()[0]

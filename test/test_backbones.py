@@ -45,6 +45,19 @@ def test_tiny_virchow_has_virchows_block_design():
     assert model.num_prefix_tokens == 1
 
 
+@pytest.mark.parametrize(
+    ("name", "millions", "width"), [("vit-base-random", 86, 768), ("virchow-size-random", 631, 1280)]
+)
+def test_benchmark_models_have_virchows_blocks_at_their_size(name, millions, width):
+    with torch.device("meta"):  # shapes only: Virchow's size would take 2.5 GB
+        model = create_backbone(name)
+    block = model.blocks[0]
+    assert isinstance(block.mlp, GluMlp) and not block.mlp.gate_last and isinstance(block.mlp.act, nn.SiLU)
+    assert block.mlp.fc1.out_features % 2 == 0 and model.patch_embed.patch_size == (14, 14)
+    assert model.num_features == width and model.pretrained_cfg["input_size"] == (3, 224, 224)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6) == millions
+
+
 def test_tiny_virchow_is_rebuilt_identically():
     a, b = create_backbone("tiny-virchow"), create_backbone("tiny-virchow")
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):

@@ -106,3 +106,13 @@ def test_scripts_refuse_without_a_model(tmp_path, script):
     shutil.copy(REPO / script, tmp_path / script)
     result = run_script(tmp_path / script, {}, cwd=tmp_path)
     assert result.returncode == 1 and "model/manifest.json missing" in result.stderr
+
+
+def test_compare_answer_lets_only_borderline_pages_change_class():
+    from compare_answer import answer_mismatches
+
+    expected = [{"class": "atypical", "confidence": 0.51}, {"class": "normal", "confidence": 0.30}]
+    flipped = [{"class": "normal", "confidence": 0.495}, {"class": "atypical", "confidence": 0.31}]
+    assert answer_mismatches(flipped, expected, 0.02, threshold=0.5) == ["page 1: class 'atypical', expected 'normal'"]
+    assert len(answer_mismatches(flipped, expected, 0.02)) == 2  # without a threshold, classes are exact
+    assert answer_mismatches(expected, expected, 0.02, threshold=0.5) == []

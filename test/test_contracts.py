@@ -111,3 +111,15 @@ def test_manifest_serves_only_graphs_that_passed_parity(tmp_path):
         ModelManifest.load(_manifest(tmp_path, **fp16))
     with pytest.raises(ContractError, match="graphs must include fp32"):
         ModelManifest.load(_manifest(tmp_path, graphs={"fp16": "ensemble.fp16.onnx"}, serve={}))
+
+
+def test_manifest_serves_int8_on_the_cpu_only_after_its_own_parity_check(tmp_path):
+    graphs = {"fp32": "ensemble.onnx", "fp16": "ensemble.fp16.onnx", "int8": "ensemble.int8.onnx"}
+    serve = {"cuda": "fp16", "cpu": "int8"}
+    check = {"max_abs_dp": 0.004, "class_agreement": 0.992, "patches": 128, "provider": "CPUExecutionProvider"}
+    passed = {"fp16": {**check, "accepted": True}, "int8": {**check, "accepted": True}}
+    manifest = ModelManifest.load(_manifest(tmp_path, graphs=graphs, serve=serve, parity=passed))
+    assert manifest.graph_for("cpu") == ("int8", "ensemble.int8.onnx")
+    assert manifest.graph_for("cuda") == ("fp16", "ensemble.fp16.onnx")
+    with pytest.raises(ContractError, match=r"serve\.cpu is int8, which has no accepted parity check"):
+        ModelManifest.load(_manifest(tmp_path, graphs=graphs, serve=serve, parity={"fp16": passed["fp16"]}))

@@ -1,13 +1,41 @@
 """The whole chain once: synthetic MIDOG25 data -> 3 LoRA folds -> merged ONNX ensemble -> the container's run
-(test.sh against the fake docker, on CPU) -> the committed answer for test/input, test/expected_output.json."""
+(test.sh against the fake docker, on CPU) -> the answer PyTorch gives with the trained, unmerged folds.
 
+The golden answer is computed here, from the run, rather than read from the committed test/expected_output.json:
+20 seeded epochs reproduce a model bit for bit on one machine, but a CPU with other vector units rounds
+differently and training amplifies it (two machines here gave demo thresholds 0.500 and 0.525)."""
+
+import json
+
+import numpy as np
+import torch
 from test_container_scripts import docker_calls, repo_copy, run_script
 
+import process
+from contracts import build_answer
+from training.adapt import load_fold_model
+from training.config import load_config
+from training.model import Preprocess
 
-def test_demo_chain_through_test_sh_reproduces_the_expected_output(demo_run, tmp_path):
+
+def pytorch_answer(run_dir, case_dir) -> list[dict]:
+    """P(atypical) of the stack from each fold's PeftModel as trained (adapters unmerged), averaged in PyTorch."""
+    cfg = load_config(run_dir / "config.yaml")
+    folds = [load_fold_model(cfg, run_dir / f"fold_{k}") for k in range(cfg.folds)]
+    preprocess = Preprocess.for_backbone(folds[0].get_base_model().backbone)
+    pixels = torch.from_numpy(np.stack(process.read_stack(process.find_stack(case_dir))))
+    with torch.no_grad():
+        probs = torch.stack([torch.sigmoid(fold(preprocess(pixels))) for fold in folds]).mean(dim=0)
+    threshold = json.loads((run_dir / "summary.json").read_text())["threshold"]
+    return build_answer(probs.tolist(), threshold)
+
+
+def test_demo_chain_through_test_sh_matches_pytorch(demo_run, tmp_path):
     log = tmp_path / "docker.log"
     checkout = repo_copy(tmp_path, demo_run["model"])  # the model baked into the "image", as make demo leaves it
-    result = run_script(checkout / "test.sh", {"GPUS": "", "FAKE_DOCKER_LOG": str(log)})
+    expected = tmp_path / "pytorch_answer.json"
+    expected.write_text(json.dumps(pytorch_answer(demo_run["run"], checkout / "test" / "input")))
+    result = run_script(checkout / "test.sh", {"GPUS": "", "FAKE_DOCKER_LOG": str(log), "EXPECTED": str(expected)})
     assert result.returncode == 0, result.stderr
     assert "OK: 16 answers match" in result.stdout
     build, run = docker_calls(log)

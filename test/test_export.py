@@ -120,28 +120,39 @@ def test_predict_scores_a_dataset_through_the_serving_path(demo_run, tmp_path):
     assert "bootstrap interval" in report.stdout
 
 
-def test_fp16_graph_is_served_on_cuda_only_after_parity_with_fp32(demo_run, pixels):
+def test_reduced_precisions_are_served_only_after_parity_with_fp32(demo_run, pixels):
     manifest = ModelManifest.load(demo_run["model"])
-    check = manifest.parity["fp16"]
-    assert check.accepted and manifest.serve == {"cuda": "fp16", "cpu": "fp32"}
-    assert check.patches == 64 and check.class_agreement == 1.0 and 0 < check.max_abs_dp <= 1e-3
+    fp16, int8 = manifest.parity["fp16"], manifest.parity["int8"]
+    assert fp16.accepted and int8.accepted and manifest.serve == {"cuda": "fp16", "cpu": "int8"}
+    assert fp16.patches == int8.patches == 128 and int8.provider == "CPUExecutionProvider"
+    assert fp16.class_agreement == 1.0 and 0 < fp16.max_abs_dp <= 1e-3
+    assert int8.class_agreement >= 0.99 and 0 < int8.max_abs_dp <= 0.02
     half = onnx.load(str(demo_run["model"] / manifest.graphs["fp16"]))
     weights = [init.data_type for init in half.graph.initializer if len(init.dims) >= 2]
     assert weights and all(t == onnx.TensorProto.FLOAT16 for t in weights)
     assert half.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # the contract's float32
+    quantized = onnx.load(str(demo_run["model"] / manifest.graphs["int8"]))
+    ops = {node.op_type for node in quantized.graph.node}
+    assert "MatMulInteger" in ops and "DynamicQuantizeLinear" in ops
+    assert all(init.data_type != onnx.TensorProto.FLOAT for init in quantized.graph.initializer if len(init.dims) == 2)
     runs = [ort.InferenceSession(str(demo_run["model"] / manifest.graphs[p]), providers=["CPUExecutionProvider"])
-            for p in ("fp32", "fp16")]  # fmt: skip
-    p32, p16 = (s.run(None, {"pixels": pixels})[0] for s in runs)
+            for p in ("fp32", "fp16", "int8")]  # fmt: skip
+    p32, p16, p8 = (s.run(None, {"pixels": pixels})[0] for s in runs)
     assert 0 < np.abs(p32 - p16).max() <= 1e-3
+    assert 0 < np.abs(p32 - p8).max() <= 0.02
 
 
-def test_fp16_that_fails_parity_is_refused_and_recorded(demo_run, tmp_path, monkeypatch):
+def test_reduced_precisions_that_fail_parity_are_refused_and_recorded(demo_run, tmp_path, monkeypatch):
+    import dataclasses
+
     import training.export as export
 
-    monkeypatch.setattr(export, "FP16_MAX_DP", 0.0)  # no fp16 graph can be that exact
+    exact = tuple(dataclasses.replace(r, max_dp=0.0) for r in export.REDUCED_PRECISIONS)  # none can be that exact
+    monkeypatch.setattr(export, "REDUCED_PRECISIONS", exact)
     manifest = export.export_run(demo_run["run"], tmp_path / "model")
     assert manifest.graphs == {"fp32": "ensemble.onnx"} and manifest.serve == {"cuda": "fp32", "cpu": "fp32"}
-    assert not manifest.parity["fp16"].accepted and manifest.parity["fp16"].max_abs_dp > 0
+    for precision in ("fp16", "int8"):
+        assert not manifest.parity[precision].accepted and manifest.parity[precision].max_abs_dp > 0
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [
         "ensemble.onnx", "ensemble.onnx.data", "manifest.json"
     ]  # fmt: skip
@@ -158,5 +169,25 @@ def test_fp16_conversion_path_for_graphs_over_2gb(demo_run, pixels, tmp_path, mo
     monkeypatch.setattr(export, "PROTOBUF_LIMIT", 0)
     export.write_fp16(tmp_path / "ensemble.onnx", tmp_path / "big.fp16.onnx")
     assert (tmp_path / "big.fp16.onnx.data").is_file()  # weights kept outside the protobuf
-    check = export.check_parity(tmp_path / "ensemble.onnx", tmp_path / "big.fp16.onnx", pixels, 0.5, 1e-3, 1.0)
+    fp16 = export.REDUCED_PRECISIONS[0]
+    check = export.check_parity(tmp_path / "ensemble.onnx", tmp_path / "big.fp16.onnx", pixels, 0.5, fp16)
     assert check.accepted and check.patches == len(pixels)
+
+
+def test_int8_quantizes_folds_that_share_their_weights(pixels, tmp_path):
+    """Folds on one frozen base: the exporter stores each shared weight once, and the quantizer alone would fail
+    on the second MatMul that reads it; export gives each MatMul its own copy first."""
+    from collections import Counter
+
+    from training.export import REDUCED_PRECISIONS, check_parity, export_onnx, write_int8
+
+    fold = build_classifier("tiny-virchow").eval()
+    ensemble = Ensemble(Preprocess.for_backbone(fold.backbone), [fold, fold]).eval()
+    export_onnx(ensemble, torch.from_numpy(pixels[:2]), tmp_path / "shared.onnx")
+    graph = onnx.load(str(tmp_path / "shared.onnx")).graph
+    weights = {t.name for t in graph.initializer if len(t.dims) == 2}
+    readers = Counter(name for node in graph.node if node.op_type == "MatMul" for name in node.input if name in weights)
+    assert max(readers.values()) == 2  # the same weight read by both folds' MatMuls
+    write_int8(tmp_path / "shared.onnx", tmp_path / "shared.int8.onnx")
+    check = check_parity(tmp_path / "shared.onnx", tmp_path / "shared.int8.onnx", pixels, 0.5, REDUCED_PRECISIONS[1])
+    assert check.accepted and 0 < check.max_abs_dp <= 0.02

@@ -224,7 +224,7 @@ def test_a_manifest_that_does_not_parse_fails_cleanly(model_dir, tmp_path, damag
 def test_the_model_folder_in_use_is_logged(model_dir, tmp_path):
     _, result = answer_for(REPO / "test" / "input", model_dir, tmp_path)
     assert f"model folder {model_dir} (--model)" in result.stderr
-    assert "in fp32 on CPUExecutionProvider" in result.stderr  # --device cpu serves the fp32 graph
+    assert "in int8 on CPUExecutionProvider" in result.stderr  # --device cpu serves the int8 graph that passed parity
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "L", "P", "LA", "I;16", "CMYK", "1"])

@@ -154,6 +154,26 @@ FOUNDATION_MODELS = (
     ),
 )  # fmt: skip
 
+# Virchow's block design (SwiGLU-packed MLP, SiLU, patch 14 at 224 px, CLS + mean pooling) with random weights, at
+# ViT-B width and at Virchow's own size (632M parameters): what benchmarks time when the real weights are not here.
+# LayerScale starts at 1.0 for the reason the stand-ins' does; ViT-B's SwiGLU hidden size is 768 * 16/3 = 4096.
+VIRCHOW_SHAPED = {
+    "vit-base-random": ("vit_base_patch16_224", {"patch_size": 14, "mlp_ratio": 16 / 3}),
+    "virchow-size-random": ("vit_huge_patch14_224", {"mlp_ratio": 5.3375}),
+}
+
+
+def virchow_shaped(architecture: str, size_args: dict) -> Callable[[str | None], nn.Module]:
+    def build(weights: str | None) -> nn.Module:
+        if weights:
+            raise ValueError(f"{architecture} with Virchow's blocks is a random-weight benchmark model")
+        return _random_init(architecture, img_size=224, init_values=1.0, num_classes=0, global_pool="",
+                            dynamic_img_size=True, pretrained_cfg_overlay=_tiny_cfg(architecture, 224),
+                            **size_args, **VIRCHOW_LAYERS)  # fmt: skip
+
+    return build
+
+
 # Task-specific models see the 128 px crop-outs as they are: no upscaling, bilinear for other page sizes.
 NATIVE_128_CFG = {"input_size": (3, 128, 128), "interpolation": "bilinear", "mean": IMAGENET_MEAN,
                   "std": IMAGENET_STD, "crop_pct": 1.0}  # fmt: skip
@@ -193,6 +213,10 @@ BACKBONES: dict[str, BackboneSpec] = {
             for fm in FOUNDATION_MODELS
         ),
         *SCRATCH_MODELS,
+        *(
+            BackboneSpec(name, virchow_shaped(arch, size), "cls+mean", f"{arch} with Virchow's blocks, random init")
+            for name, (arch, size) in VIRCHOW_SHAPED.items()
+        ),
     )
 }
 

@@ -1,4 +1,4 @@
-"""Container timings: the cold start of ``process.py`` (process start -> answer written), and where it goes.
+"""Container timings: the cold start of ``process.py`` and where it goes, and ours against the peer approach.
 
 ``python -m training cold-start MODEL_DIR [--input CASE] [--device cpu|cuda] [--repeats 5] [--json OUT]`` runs
 ``process.py`` as the container does, ``repeats`` times in fresh processes, and times the parts in fresh processes
@@ -9,6 +9,7 @@ time (basic level, the provider-independent one): whether shipping a pre-optimiz
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import statistics
@@ -18,7 +19,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+from peft import PeftModel
+from tqdm import tqdm
+
 from contracts import ANSWER_FILENAME
+from training.model import Ensemble, Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +103,166 @@ def cold_start(model_dir: Path, case_dir: Path = SAMPLE_CASE, device: str = "cpu
     }
 
 
-def cold_start_report(model_dir: Path, case_dir: Path, device: str, repeats: int, json_out: Path | None) -> dict:
-    result = cold_start(model_dir, case_dir, device, repeats)
-    print(json.dumps(result, indent=1))  # the report is this command's output
+def report(result: dict, json_out: Path | None) -> dict:
+    print(json.dumps(result, indent=1))  # the report is the command's output
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=1) + "\n")
         log.info("wrote %s", json_out)
     return result
+
+
+# --- ours vs the peer approach, one 16-page stack ------------------------------------------------------------------
+
+# --backbone name -> registry entry: Virchow's blocks at three sizes, random weights
+BENCH_BACKBONES = {"tiny-virchow": "tiny-virchow", "vit-base": "vit-base-random", "virchow-size": "virchow-size-random"}
+BENCH_FOLDS = 3
+HEAD_STD = 0.5  # a random head that spreads P(atypical) over (0, 1) as a trained one does, so parity means something
+# dense fp16 tensor-core peaks (TFLOP/s): the hardware limit of a stack where the GPU is recognised
+GPU_PEAK_FP16_TFLOPS = {"T4": 65.0, "A100": 312.0, "H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0}
+
+
+def peer_folds(backbone: str, device: torch.device) -> list[PeftModel]:
+    """The peer container's model: per fold, a PeftModel with a rank-8 LoRA adapter (non-zero B: merging changes
+    the weights) and its own head, on the same base weights, left unmerged; fp32, eval mode."""
+    from training.adapt import apply_lora
+    from training.config import LoraSettings
+    from training.model import build_classifier
+
+    folds = []
+    for fold in range(BENCH_FOLDS):
+        model = apply_lora(build_classifier(backbone, head_seed=fold), LoraSettings(rank=8, alpha=16, dropout=0.0))
+        generator = torch.Generator().manual_seed(fold)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+                elif name.endswith("atypia_head.weight") and "modules_to_save" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * HEAD_STD / param.shape[1] ** 0.5)
+        folds.append(model.to(device).eval())
+    return folds
+
+
+def peer_predict(folds: list[PeftModel], preprocess: Preprocess, pages: list[np.ndarray]) -> np.ndarray:
+    """PyTorch eager, one image at a time through every fold: mean of sigmoids."""
+    device = next(folds[0].parameters()).device
+    probs = []
+    with torch.inference_mode():
+        for page in pages:
+            x = preprocess(torch.from_numpy(page[None].copy()).to(device))  # decoded pages are read-only
+            probs.append(torch.stack([torch.sigmoid(fold(x)) for fold in folds]).mean().item())
+    return np.asarray(probs)
+
+
+def set_fused_attention(model: torch.nn.Module, fused: bool) -> None:
+    """timm's Attention: one ``scaled_dot_product_attention`` call when set, softmax(QK^T)V written out otherwise."""
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = fused
+
+
+def stack_gflops(ensemble: Ensemble, pages: list[np.ndarray]) -> float:
+    """Model GFLOPs of one stack through the merged ensemble (multiply-add = 2), counted by PyTorch with the
+    attention written out: the counter does not see inside the CPU's fused attention kernel."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ensemble = copy.deepcopy(ensemble).cpu()
+    set_fused_attention(ensemble, False)
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        ensemble(torch.from_numpy(np.stack(pages)))
+    return counter.get_total_flops() / 1e9
+
+
+def timed(fn, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def hardware_description(device: str) -> tuple[str, float | None]:
+    """The processor's name and, for a GPU this table knows, its dense fp16 peak in TFLOP/s."""
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        peak = next((tflops for key, tflops in GPU_PEAK_FP16_TFLOPS.items() if key in name), None)
+        return name, peak
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "unknown CPU")  # fmt: skip
+    return f"{model}, {torch.get_num_threads()} threads", None
+
+
+def versions() -> dict[str, str]:
+    import onnxruntime
+    import peft
+    import timm
+
+    return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "timm": timm.__version__,
+            "peft": peft.__version__, "python": sys.version.split()[0]}  # fmt: skip
+
+
+def bench_stack(device: str = "cpu", backbone: str = "tiny-virchow", repeats: int = 5, case_dir: Path = SAMPLE_CASE,
+                cold_repeats: int = 3, peak_tflops: float | None = None) -> dict:  # fmt: skip
+    """Both paths from the same random weights on one stack, interleaved after a warm-up; medians per stack."""
+    import process
+    from training.export import export_ensemble
+    from training.synthetic import synthetic_figures
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: torch sees no GPU here")
+    pages = process.read_stack(process.find_stack(case_dir))
+    folds = peer_folds(BENCH_BACKBONES[backbone], torch.device(device))
+    preprocess = Preprocess.for_backbone(folds[0].get_base_model().backbone).to(device)
+    merged = [copy.deepcopy(fold).merge_and_unload().eval() for fold in folds]
+    ensemble = Ensemble(Preprocess.for_backbone(merged[0].backbone), merged).eval()
+    gflops = stack_gflops(ensemble, pages)
+
+    # the parity patches: the stack itself, and synthetic figures up to the export's count
+    from training.export import PARITY_PATCHES
+
+    extra = synthetic_figures(PARITY_PATCHES - len(pages), seed=11, n_slides=4)[0]
+    parity_pixels = np.concatenate([np.stack(pages), extra])
+    with tempfile.TemporaryDirectory(prefix="bench-model-") as tmp:
+        model_dir = Path(tmp)
+        manifest = export_ensemble(
+            [m.cpu() for m in merged], parity_pixels, 0.5, model_dir, backbone=backbone,
+            training_config={"bench": f"{BENCH_FOLDS} random LoRA rank-8 folds"}, oof_metrics={},
+        )  # fmt: skip
+        del merged, ensemble
+        ours = process.OnnxEnsemble(model_dir, device)
+        fp32 = process.OnnxEnsemble(model_dir, device, precision="fp32")
+        paths = {"peer": lambda: peer_predict(folds, preprocess, pages), "ours": lambda: ours.predict(pages),
+                 "ours_fp32": lambda: fp32.predict(pages)}  # fmt: skip
+        answers = {name: run() for name, run in paths.items()}  # warm-up; and the paths must agree
+        times: dict[str, list[float]] = {name: [] for name in paths}
+        for _ in tqdm(range(repeats), desc=f"bench {backbone} on {device}", unit="round"):
+            for name, run in paths.items():
+                times[name].append(timed(run, device))
+        cold = cold_start(model_dir, case_dir, device, cold_repeats)
+    seconds = {name: statistics.median(t) for name, t in times.items()}
+    hardware, gpu_peak = hardware_description(device)
+    peak = peak_tflops or gpu_peak
+    return {
+        "device": device,
+        "backbone": backbone,
+        "peer_s_per_stack": seconds["peer"],
+        "ours_s_per_stack": seconds["ours"],
+        "cold_start_s": cold["cold_start_s"],
+        "gflops_per_stack": gflops,
+        "achieved_tflops": gflops / seconds["ours"] / 1e3,
+        "speedup_vs_peer": seconds["peer"] / seconds["ours"],
+        "ours_precision": ours.precision,
+        "ours_provider": ours.provider,
+        "ours_fp32_s_per_stack": seconds["ours_fp32"],
+        "peer_achieved_tflops": gflops / seconds["peer"] / 1e3,
+        "peak_tflops": peak,
+        "hardware_limit_s_per_stack": gflops / peak / 1e3 if peak else None,
+        "max_abs_dp_ours_vs_peer": float(np.abs(answers["ours"] - answers["peer"]).max()),
+        "parity": {p: c.model_dump() for p, c in manifest.parity.items()},
+        "pages": len(pages),
+        "repeats": repeats,
+        "hardware": hardware,
+        "versions": versions(),
+    }

@@ -1,4 +1,5 @@
-"""``python -m training <command>``: synth | case | train | export | predict | evaluate | experiment | cold-start."""
+"""``python -m training <command>``: synth | case | train | export | predict | evaluate | experiment | cold-start |
+bench | bench-train."""
 
 from __future__ import annotations
 
@@ -58,9 +59,23 @@ def _experiment(args: argparse.Namespace) -> None:
 
 
 def _cold_start(args: argparse.Namespace) -> None:
-    from training.bench import cold_start_report
+    from training.bench import cold_start, report
 
-    cold_start_report(args.model_dir, args.input, args.device, args.repeats, args.json)
+    report(cold_start(args.model_dir, args.input, args.device, args.repeats), args.json)
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from training.bench import bench_stack, report
+
+    report(bench_stack(args.device, args.backbone, args.repeats, args.input, peak_tflops=args.peak_tflops), args.json)
+
+
+def _bench_train(args: argparse.Namespace) -> None:
+    from training.bench import report
+    from training.bench_train import bench_train
+
+    result = bench_train(args.device, args.backbone, args.batch_size, args.steps, args.peak_tflops)
+    report(result, args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +142,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.set_defaults(func=_cold_start)
+
+    p = sub.add_parser("bench", help="one stack: ours (merged, one ONNX graph, batched) against the peer approach")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--backbone", choices=("tiny-virchow", "vit-base", "virchow-size"), default="tiny-virchow",
+                   help="Virchow's blocks, random weights: a few small ones, ViT-B size, Virchow's 632M")  # fmt: skip
+    p.add_argument("--input", type=Path, default=Path("test/input"), help="case folder (default: test/input)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--peak-tflops", type=float, help="the device's peak, where the built-in GPU table lacks it")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    p.set_defaults(func=_bench)
+
+    p = sub.add_parser("bench-train", help="LoRA training steps: bf16 + fused attention + checkpointing vs naive")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--backbone", choices=("tiny-virchow", "vit-base", "virchow-size"), default="tiny-virchow")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per recipe, after one warm-up step each")
+    p.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for MFU where not built in")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    p.set_defaults(func=_bench_train)
     return parser
 
 
@@ -137,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # one line per deduplicated initializer otherwise
+    for chatty in ("onnx_ir", "onnxscript"):  # a line per deduplicated initializer or rewritten slice otherwise
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         args.func(args)
     except (OSError, ValueError, RuntimeError) as err:

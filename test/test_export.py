@@ -175,19 +175,20 @@ def test_fp16_conversion_path_for_graphs_over_2gb(demo_run, pixels, tmp_path, mo
 
 
 def test_int8_quantizes_folds_that_share_their_weights(pixels, tmp_path):
-    """Folds on one frozen base: the exporter stores each shared weight once, and the quantizer alone would fail
-    on the second MatMul that reads it; export gives each MatMul its own copy first."""
-    from collections import Counter
-
+    """Folds on one frozen base: the exporter keeps each shared Linear weight once, behind a Transpose node, so
+    no MatMul reads a constant weight and the quantizer alone would skip them all (or fail on a weight read
+    twice); export folds the transposes and gives each MatMul its own weight first."""
     from training.export import REDUCED_PRECISIONS, check_parity, export_onnx, write_int8
 
     fold = build_classifier("tiny-virchow").eval()
+    linears = 2 * sum(isinstance(m, torch.nn.Linear) for m in fold.modules())  # 2 folds: 3 blocks of 4, the head
     ensemble = Ensemble(Preprocess.for_backbone(fold.backbone), [fold, fold]).eval()
     export_onnx(ensemble, torch.from_numpy(pixels[:2]), tmp_path / "shared.onnx")
     graph = onnx.load(str(tmp_path / "shared.onnx")).graph
-    weights = {t.name for t in graph.initializer if len(t.dims) == 2}
-    readers = Counter(name for node in graph.node if node.op_type == "MatMul" for name in node.input if name in weights)
-    assert max(readers.values()) == 2  # the same weight read by both folds' MatMuls
+    constants = {t.name for t in graph.initializer}
+    assert not any(n.op_type == "MatMul" and n.input[1] in constants for n in graph.node)
     write_int8(tmp_path / "shared.onnx", tmp_path / "shared.int8.onnx")
+    quantized = onnx.load(str(tmp_path / "shared.int8.onnx")).graph
+    assert sum(n.op_type == "MatMulInteger" for n in quantized.node) == linears == 26
     check = check_parity(tmp_path / "shared.onnx", tmp_path / "shared.int8.onnx", pixels, 0.5, REDUCED_PRECISIONS[1])
     assert check.accepted and 0 < check.max_abs_dp <= 0.02

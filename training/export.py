@@ -140,6 +140,7 @@ def write_int8(fp32_path: Path, int8_path: Path) -> None:
     model = onnx.load(str(fp32_path))
     # the exporter's shape annotations (value_info) contradict the quantizer's own shape inference: drop them
     model.graph.ClearField("value_info")
+    fold_weight_transposes(model.graph)
     unshare_weights(model.graph, QUANTIZED_OPS)
     root = logging.getLogger()
     level = root.level
@@ -152,11 +153,29 @@ def write_int8(fp32_path: Path, int8_path: Path) -> None:
     onnx.checker.check_model(str(int8_path))
 
 
+def fold_weight_transposes(graph: onnx.GraphProto) -> int:
+    """Replace ``Transpose(weight)`` by the transposed weight; returns the transposes folded.
+
+    The exporter keeps a Linear's weight transpose as a node when modules share the weight (folds on one frozen
+    base, say), and the quantizer only quantizes a MatMul whose weight is a constant."""
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    folded = [node for node in graph.node if node.op_type == "Transpose" and node.input[0] in initializers]
+    for node in folded:
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        weight = onnx.numpy_helper.to_array(initializers[node.input[0]])
+        graph.initializer.append(onnx.numpy_helper.from_array(np.transpose(weight, perm), node.output[0]))
+        graph.node.remove(node)
+    still_read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    for tensor in [t for t in graph.initializer if t.name not in still_read]:
+        graph.initializer.remove(tensor)
+    return len(folded)
+
+
 def unshare_weights(graph: onnx.GraphProto, op_types: tuple[str, ...]) -> int:
     """Give each of these ops its own copy of a weight that another node also reads; returns the copies made.
 
-    The exporter stores a tensor once when modules share it (folds on one frozen base, say); the quantizer
-    replaces a weight by its int8 version at its first MatMul and then cannot type it at the second."""
+    The quantizer replaces a weight by its int8 version at the first MatMul that reads it, and then cannot
+    type it at the second."""
     initializers = {tensor.name: tensor for tensor in graph.initializer}
     readers = Counter(name for node in graph.node for name in node.input if name in initializers)
     copies = 0

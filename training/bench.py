@@ -207,7 +207,7 @@ def bench_stack(device: str = "cpu", backbone: str = "tiny-virchow", repeats: in
                 cold_repeats: int = 3, peak_tflops: float | None = None) -> dict:  # fmt: skip
     """Both paths from the same random weights on one stack, interleaved after a warm-up; medians per stack."""
     import process
-    from training.export import export_ensemble
+    from training.export import PARITY_PATCHES, REDUCED_PRECISIONS, export_ensemble
     from training.synthetic import synthetic_figures
 
     if device == "cuda" and not torch.cuda.is_available():
@@ -220,8 +220,6 @@ def bench_stack(device: str = "cpu", backbone: str = "tiny-virchow", repeats: in
     gflops = stack_gflops(ensemble, pages)
 
     # the parity patches: the stack itself, and synthetic figures up to the export's count
-    from training.export import PARITY_PATCHES
-
     extra = synthetic_figures(PARITY_PATCHES - len(pages), seed=11, n_slides=4)[0]
     parity_pixels = np.concatenate([np.stack(pages), extra])
     with tempfile.TemporaryDirectory(prefix="bench-model-") as tmp:
@@ -229,6 +227,7 @@ def bench_stack(device: str = "cpu", backbone: str = "tiny-virchow", repeats: in
         manifest = export_ensemble(
             [m.cpu() for m in merged], parity_pixels, 0.5, model_dir, backbone=backbone,
             training_config={"bench": f"{BENCH_FOLDS} random LoRA rank-8 folds"}, oof_metrics={},
+            reduced_precisions=tuple(r for r in REDUCED_PRECISIONS if r.device == device),  # the one served here
         )  # fmt: skip
         del merged, ensemble
         ours = process.OnnxEnsemble(model_dir, device)

@@ -242,6 +242,7 @@ def export_ensemble(
     backbone: str,
     training_config: dict,
     oof_metrics: dict[str, float | None],
+    reduced_precisions: tuple[ReducedPrecision, ...] = REDUCED_PRECISIONS,
 ) -> ModelManifest:
     """Merged folds -> the model folder ``process.py`` serves: fp32 graph, reduced precisions that pass their
     parity checks on ``parity_pixels`` (real patches), manifest with checksums. Replaces an earlier export."""
@@ -259,7 +260,7 @@ def export_ensemble(
         export_onnx(ensemble, torch.from_numpy(pixels[:2]), staged)
         worst = compare_with_torch(ensemble, staged, batches)
         log.info("ONNX Runtime vs PyTorch: max |dp| %.2e over %d batches", worst, len(batches))
-        for reduced in REDUCED_PRECISIONS:
+        for reduced in reduced_precisions:
             candidate = staged.with_name(reduced.file)
             reduced.write(staged, candidate)
             check = parity[reduced.precision] = check_parity(staged, candidate, parity_pixels, threshold, reduced)

@@ -165,7 +165,9 @@ class OnnxEnsemble:
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if wants_cuda else ["CPUExecutionProvider"]
         # the graph the manifest serves on this device: fp16 on CUDA when it passed parity with fp32 at export
         self.precision, graph = self.manifest.graph_for("cuda" if wants_cuda else "cpu")
-        if precision is not None:  # another of the folder's graphs (benchmarks compare them)
+        if precision is not None:  # another of the folder's graphs (benchmarks and predict compare them)
+            if precision not in self.manifest.graphs:
+                raise ContractError(f"{model_dir}: no {precision} graph (has {', '.join(self.manifest.graphs)})")
             self.precision, graph = precision, self.manifest.graphs[precision]
         self.session = ort.InferenceSession(str(model_dir / graph), providers=providers)
         # onnxruntime falls back to CPU without raising when CUDA cannot load: check what is really active

@@ -118,6 +118,12 @@ def test_predict_scores_a_dataset_through_the_serving_path(demo_run, tmp_path):
         assert int(pred) == (float(prob) >= threshold) and label in ("0", "1")
     report = run_cli("-m", "training", "evaluate", "--predictions", out)  # predict's output feeds evaluate
     assert "bootstrap interval" in report.stdout
+    # the CPU serves int8; --precision scores the fp32 reference instead, and the two stay within int8's guard
+    fp32 = tmp_path / "preds-fp32.csv"
+    run_cli("-m", "training", "predict", demo_run["model"], "--data-root", demo_run["data"], "--output", fp32,
+            "--device", "cpu", "--precision", "fp32")  # fmt: skip
+    p8, p32 = (np.array([float(r.split(",")[2]) for r in f.read_text().splitlines()[1:]]) for f in (out, fp32))
+    assert 0 < np.abs(p8 - p32).max() <= 0.02
 
 
 def test_reduced_precisions_are_served_only_after_parity_with_fp32(demo_run, pixels):

@@ -43,7 +43,7 @@ def _export(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> None:
     from training.predict import predict_folder
 
-    predict_folder(args.model_dir, args.data_root, args.output, device=args.device)
+    predict_folder(args.model_dir, args.data_root, args.output, device=args.device, precision=args.precision)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", type=Path, required=True)
     p.add_argument("--output", type=Path, required=True, help="CSV: image_id, label, prob_atypical, pred, domain")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"),
+                   help="another graph of the model folder than the one served on the device")  # fmt: skip
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("evaluate", help="the challenge's figures for a predictions CSV, pooled and per domain")

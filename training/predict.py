@@ -14,10 +14,12 @@ from training.evaluate import PREDICTION_COLUMNS
 log = logging.getLogger(__name__)
 
 
-def predict_folder(model_dir: Path, data_root: Path, output: Path, device: str = "auto", batch: int = 64) -> None:
+def predict_folder(model_dir: Path, data_root: Path, output: Path, device: str = "auto", batch: int = 64,
+                   precision: str | None = None) -> None:  # fmt: skip
+    """``precision`` None: the graph the manifest serves on the device, as the container runs it."""
     figures = read_dataset(data_root)
     pixels = decode_figures(figures)
-    ensemble = OnnxEnsemble(model_dir, device)
+    ensemble = OnnxEnsemble(model_dir, device, precision=precision)
     probs = ensemble.predict(list(pixels), max_batch=batch)
     output.parent.mkdir(parents=True, exist_ok=True)
     with output.open("w", newline="") as f:
@@ -26,5 +28,5 @@ def predict_folder(model_dir: Path, data_root: Path, output: Path, device: str =
         for fig, p in zip(figures, probs, strict=True):
             pred = int(classify(float(p), ensemble.manifest.threshold) == "atypical")
             writer.writerow([fig.image_id, fig.label, repr(float(p)), pred, fig.scanner])
-    log.info("wrote %d predictions to %s (%s, threshold %.4f)", len(figures), output, ensemble.provider,
-             ensemble.manifest.threshold)  # fmt: skip
+    log.info("wrote %d predictions to %s (%s on %s, threshold %.4f)", len(figures), output, ensemble.precision,
+             ensemble.provider, ensemble.manifest.threshold)  # fmt: skip

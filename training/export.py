@@ -242,10 +242,11 @@ def export_ensemble(
     backbone: str,
     training_config: dict,
     oof_metrics: dict[str, float | None],
-    reduced_precisions: tuple[ReducedPrecision, ...] = REDUCED_PRECISIONS,
+    reduced_precisions: tuple[ReducedPrecision, ...] | None = None,
 ) -> ModelManifest:
-    """Merged folds -> the model folder ``process.py`` serves: fp32 graph, reduced precisions that pass their
-    parity checks on ``parity_pixels`` (real patches), manifest with checksums. Replaces an earlier export."""
+    """Merged folds -> the model folder ``process.py`` serves: fp32 graph, reduced precisions (all of
+    ``REDUCED_PRECISIONS`` by default) that pass their parity checks on ``parity_pixels`` (real patches), manifest
+    with checksums. Replaces an earlier export."""
     ensemble = Ensemble(Preprocess.for_backbone(folds[0].backbone), folds).eval()
     pixels = parity_pixels[:: max(1, len(parity_pixels) // 16)][:16]
     # a single page and an odd page size exercise the dynamic axes and the in-graph resize
@@ -260,7 +261,7 @@ def export_ensemble(
         export_onnx(ensemble, torch.from_numpy(pixels[:2]), staged)
         worst = compare_with_torch(ensemble, staged, batches)
         log.info("ONNX Runtime vs PyTorch: max |dp| %.2e over %d batches", worst, len(batches))
-        for reduced in reduced_precisions:
+        for reduced in REDUCED_PRECISIONS if reduced_precisions is None else reduced_precisions:
             candidate = staged.with_name(reduced.file)
             reduced.write(staged, candidate)
             check = parity[reduced.precision] = check_parity(staged, candidate, parity_pixels, threshold, reduced)

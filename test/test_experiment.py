@@ -130,7 +130,8 @@ def test_finished_cells_are_not_recomputed_and_shards_split_the_grid(grid_run, t
         trained.clear()
         rows = run_grid(grid_run["grid"], [grid_run["root"] / "data"], tmp_path / "fresh", shard=f"{k}/2")
         assert trained == names[k::2] and rows == []
-    assert "6 not yet run" in (tmp_path / "fresh" / "report.md").read_text()
+    report = (tmp_path / "fresh" / "report.md").read_text()
+    assert "6 not yet run" in report and "--shard 1/2`" in report  # the command that wrote it
 
 
 def test_report_only_through_the_cli(grid_run, tmp_path):

@@ -280,7 +280,7 @@ def run_grid(grid_path: Path, data_roots: list[Path], output: Path, report_dir: 
     costs = _costs(grid, cells, output) if grid.cost else {}
     rows = collect(cells, output / "cells", costs)
     unfinished = [c.name for c in cells if not (output / "cells" / c.name / SUMMARY).is_file()]
-    write_report(grid_path, grid, rows, output, report_dir or output, data_roots, unfinished)
+    write_report(grid_path, grid, rows, output, report_dir or output, data_roots, unfinished, shard)
     return rows
 
 

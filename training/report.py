@@ -227,14 +227,15 @@ def _table(columns: list[str], rows: list[list]) -> list[str]:
 
 
 def write_report(grid_path: Path, grid: GridConfig, rows: list[dict], output: Path, report_dir: Path,
-                 data_roots: list[Path], unfinished: list[str]) -> None:  # fmt: skip
+                 data_roots: list[Path], unfinished: list[str], shard: str | None = None) -> None:  # fmt: skip
     report_dir.mkdir(parents=True, exist_ok=True)
     _write_csv(report_dir / "results.csv", RESULT_COLUMNS, rows)
     domain_columns = ("cell", "method", "split", "data", "seed", "domain", "balanced_accuracy", "sensitivity",
                       "specificity", "accuracy", "roc_auc", "n")  # fmt: skip
     _write_csv(report_dir / "domains.csv", domain_columns, _domain_rows(rows))
     command = f"python -m training experiment --config {grid_path} --data-root {' '.join(map(str, data_roots))} " \
-              f"--output {output}" + (f" --report-dir {report_dir}" if report_dir != output else "")  # fmt: skip
+              f"--output {output}" + (f" --report-dir {report_dir}" if report_dir != output else "") \
+              + (f" --shard {shard}" if shard else "")  # fmt: skip
     git = provenance(data_roots)["git"]
     lines = [
         f"# Experiment grid `{grid.name}`", "",

@@ -35,6 +35,7 @@ from contracts import (
     MANIFEST_FILENAME,
     MAX_PAGES,
     ContractError,
+    Device,
     ModelManifest,
     build_answer,
     validate_answer,
@@ -162,14 +163,7 @@ class OnnxEnsemble:
         if device == "cuda" and "CUDAExecutionProvider" not in available:
             raise DeviceError(f"--device cuda: this onnxruntime build has no CUDA provider (has {available})")
         wants_cuda = device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in available)
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if wants_cuda else ["CPUExecutionProvider"]
-        # the graph the manifest serves on this device: fp16 on CUDA when it passed parity with fp32 at export
-        self.precision, graph = self.manifest.graph_for("cuda" if wants_cuda else "cpu")
-        if precision is not None:  # another of the folder's graphs (benchmarks and predict compare them)
-            if precision not in self.manifest.graphs:
-                raise ContractError(f"{model_dir}: no {precision} graph (has {', '.join(self.manifest.graphs)})")
-            self.precision, graph = precision, self.manifest.graphs[precision]
-        self.session = ort.InferenceSession(str(model_dir / graph), providers=providers)
+        self.session = self._open(model_dir, "cuda" if wants_cuda else "cpu", precision)
         # onnxruntime falls back to CPU without raising when CUDA cannot load: check what is really active
         self.provider = self.session.get_providers()[0]
         if device == "cuda" and self.provider != "CUDAExecutionProvider":
@@ -178,7 +172,22 @@ class OnnxEnsemble:
                 "missing); --debug shows onnxruntime's report"
             )
         if wants_cuda and self.provider != "CUDAExecutionProvider":
-            log.warning("CUDA provider did not load; running on %s", self.provider)
+            log.warning("CUDA provider did not load; running on %s with the CPU's graph", self.provider)
+            self.session = self._open(model_dir, "cpu", precision)
+            self.provider = self.session.get_providers()[0]
+
+    def _open(self, model_dir: Path, device: Device, precision: str | None):
+        """A session of the graph the manifest serves on ``device`` (fp16 on CUDA, int8 on the CPU, when they
+        passed parity with fp32 at export), or of the ``precision`` asked for (benchmarks and predict compare)."""
+        import onnxruntime as ort
+
+        self.precision, graph = self.manifest.graph_for(device)
+        if precision is not None:
+            if precision not in self.manifest.graphs:
+                raise ContractError(f"{model_dir}: no {precision} graph (has {', '.join(self.manifest.graphs)})")
+            self.precision, graph = precision, self.manifest.graphs[precision]
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        return ort.InferenceSession(str(model_dir / graph), providers=providers)
 
     def predict(self, pages: list[np.ndarray], max_batch: int = MAX_PAGES) -> np.ndarray:
         """P(atypical) per page, in page order; pages of one size go through together, ``max_batch`` at a time

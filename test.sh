@@ -5,6 +5,7 @@
 #   GPUS= ./test.sh      no GPU on this host: run the image with --device cpu instead
 #   EXPECTED=answer.json ./test.sh   the golden answer of the model in model/ (default test/expected_output.json)
 set -euo pipefail
+EXPECTED=${EXPECTED:+$(realpath "$EXPECTED")}  # relative to where it was called from
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 IMAGE=${IMAGE:-midog25-track2}

@@ -1,8 +1,9 @@
 """Compare a container's answer with an expected one: same length, classes exact, confidences within a tolerance.
 
 With ``--threshold`` (the model's), a page whose expected confidence lies within the tolerance of the threshold
-may take either class: a reduced-precision graph (fp16 on CUDA, int8 on the CPU) that moves P(atypical) by less
-than the tolerance can carry such a page across it. Every other page's class must match.
+may take either class, the one its own confidence gives: a reduced-precision graph (fp16 on CUDA, int8 on the
+CPU) that moves P(atypical) by less than the tolerance can carry such a page across it. Every other page's class
+must match.
 
 Standard library only: ``test.sh`` runs it with the host's python3, outside any virtual environment.
 Usage: python3 test/compare_answer.py GOT.json EXPECTED.json [--tolerance 0.02] [--threshold T]
@@ -30,7 +31,10 @@ def answer_mismatches(got: object, expected: list, tolerance: float, threshold: 
             problems.append(f"page {i}: confidence {g['confidence']!r} is not a float")
             continue
         borderline = threshold is not None and abs(e["confidence"] - threshold) <= tolerance
-        if g["class"] != e["class"] and not borderline:
+        own_class = None if threshold is None else ("atypical" if g["confidence"] >= threshold else "normal")
+        if borderline and g["class"] != own_class:
+            problems.append(f"page {i}: class {g['class']!r} contradicts its confidence {g['confidence']:.6f}")
+        elif g["class"] != e["class"] and not borderline:
             problems.append(f"page {i}: class {g['class']!r}, expected {e['class']!r}")
         if abs(g["confidence"] - e["confidence"]) > tolerance:
             off = f"confidence {g['confidence']:.6f}, expected {e['confidence']:.6f} +- {tolerance}"

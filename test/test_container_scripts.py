@@ -116,3 +116,7 @@ def test_compare_answer_lets_only_borderline_pages_change_class():
     assert answer_mismatches(flipped, expected, 0.02, threshold=0.5) == ["page 1: class 'atypical', expected 'normal'"]
     assert len(answer_mismatches(flipped, expected, 0.02)) == 2  # without a threshold, classes are exact
     assert answer_mismatches(expected, expected, 0.02, threshold=0.5) == []
+    contradicts = [{"class": "atypical", "confidence": 0.495}, expected[1]]  # borderline, but against its own P
+    assert answer_mismatches(contradicts, expected, 0.02, threshold=0.5) == [
+        "page 0: class 'atypical' contradicts its confidence 0.495000"
+    ]

@@ -227,6 +227,17 @@ def test_the_model_folder_in_use_is_logged(model_dir, tmp_path):
     assert "in int8 on CPUExecutionProvider" in result.stderr  # --device cpu serves the int8 graph that passed parity
 
 
+def test_device_auto_serves_the_graph_of_the_provider_that_loaded(model_dir):
+    """onnxruntime-gpu lists CUDA even where it cannot load it: --device auto then runs the CPU's graph (int8),
+    not the CUDA graph (fp16) on the CPU provider."""
+    from process import OnnxEnsemble
+
+    ensemble = OnnxEnsemble(model_dir, "auto")
+    device = "cuda" if ensemble.provider == "CUDAExecutionProvider" else "cpu"
+    assert device == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert ensemble.precision == ensemble.manifest.serve[device] == {"cuda": "fp16", "cpu": "int8"}[device]
+
+
 @pytest.mark.parametrize("mode", ["RGBA", "L", "P", "LA", "I;16", "CMYK", "1"])
 def test_pages_of_any_mode_become_rgb(model_dir, pages, tmp_path, mode):
     image_dir = tmp_path / "in" / "images" / INPUT_INTERFACE

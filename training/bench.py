@@ -117,8 +117,15 @@ def report(result: dict, json_out: Path | None) -> dict:
 BENCH_BACKBONES = {"tiny-virchow": "tiny-virchow", "vit-base": "vit-base-random", "virchow-size": "virchow-size-random"}
 BENCH_FOLDS = 3
 HEAD_STD = 0.5  # a random head that spreads P(atypical) over (0, 1) as a trained one does, so parity means something
-# dense fp16 tensor-core peaks (TFLOP/s): the hardware limit of a stack where the GPU is recognised
-GPU_PEAK_FP16_TFLOPS = {"T4": 65.0, "A100": 312.0, "H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0}
+# dense tensor-core peaks (TFLOP/s) per precision: the hardware limit where the GPU is recognised (the T4 has no
+# bf16 tensor cores); the first name contained in the device's name wins
+GPU_PEAK_TFLOPS = {
+    "T4": {"fp16": 65.0},
+    "A100": {"fp16": 312.0, "bf16": 312.0},
+    "H100 PCIe": {"fp16": 756.0, "bf16": 756.0},
+    "H100": {"fp16": 989.0, "bf16": 989.0},
+    "H200": {"fp16": 989.0, "bf16": 989.0},
+}
 
 
 def peer_folds(backbone: str, device: torch.device) -> list[PeftModel]:
@@ -183,12 +190,12 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - started
 
 
-def hardware_description(device: str) -> tuple[str, float | None]:
-    """The processor's name and, for a GPU this table knows, its dense fp16 peak in TFLOP/s."""
+def hardware_description(device: str, precision: str) -> tuple[str, float | None]:
+    """The processor's name and, for a GPU the table knows, its dense peak in TFLOP/s at this precision."""
     if device == "cuda":
         name = torch.cuda.get_device_name()
-        peak = next((tflops for key, tflops in GPU_PEAK_FP16_TFLOPS.items() if key in name), None)
-        return name, peak
+        peaks = next((peaks for key, peaks in GPU_PEAK_TFLOPS.items() if key in name), {})
+        return name, peaks.get(precision)
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), "unknown CPU")  # fmt: skip
     return f"{model}, {torch.get_num_threads()} threads", None
@@ -269,8 +276,10 @@ def bench_stack(device: str = "cpu", backbone: str = "tiny-virchow", repeats: in
                 times[name].append(timed(run, device))
         cold = cold_start(model_dir, case_dir, device, cold_repeats)
     seconds = {name: statistics.median(t) for name, t in times.items()}
-    hardware, gpu_peak = hardware_description(device)
-    peak, peak_source = (peak_tflops, "--peak-tflops") if peak_tflops else (gpu_peak, "dense fp16 peak of the GPU")
+    hardware, gpu_peak = hardware_description(device, ours.precision)
+    peak, peak_source = peak_tflops, "--peak-tflops"
+    if peak is None:
+        peak, peak_source = gpu_peak, f"GPU's dense {ours.precision} peak"
     if peak is None and device == "cpu":
         peak, peak_source = cpu_matmul_ceiling_tflops(ours.precision), f"measured {ours.precision} matmul ceiling"
     return {

@@ -77,8 +77,8 @@ def bench_train(device: str = "cpu", backbone: str = "tiny-virchow", batch_size:
         for name, (bf16, fused, checkpointing) in RECIPES.items():
             set_recipe(model, fused, checkpointing)
             times[name].append(timed(lambda bf16=bf16: step(bf16), device))
-    hardware, gpu_peak = hardware_description(device)
-    peak = peak_tflops or gpu_peak  # the table's fp16 peak is the dense bf16 peak too on these GPUs
+    hardware, gpu_peak = hardware_description(device, "bf16")
+    peak = peak_tflops or gpu_peak
     result = {"device": device, "backbone": backbone, "batch_size": batch_size,
               "model_tflop_per_step": flops_per_step / 1e12, "peak_tflops": peak}  # fmt: skip
     for name, values in times.items():

@@ -24,7 +24,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, ImageSequence
@@ -163,7 +163,7 @@ class OnnxEnsemble:
         if device == "cuda" and "CUDAExecutionProvider" not in available:
             raise DeviceError(f"--device cuda: this onnxruntime build has no CUDA provider (has {available})")
         wants_cuda = device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in available)
-        self.session = self._open(model_dir, "cuda" if wants_cuda else "cpu", precision)
+        self.precision, self.session = self._open(model_dir, "cuda" if wants_cuda else "cpu", precision)
         # onnxruntime falls back to CPU without raising when CUDA cannot load: check what is really active
         self.provider = self.session.get_providers()[0]
         if device == "cuda" and self.provider != "CUDAExecutionProvider":
@@ -173,21 +173,22 @@ class OnnxEnsemble:
             )
         if wants_cuda and self.provider != "CUDAExecutionProvider":
             log.warning("CUDA provider did not load; running on %s with the CPU's graph", self.provider)
-            self.session = self._open(model_dir, "cpu", precision)
+            self.precision, self.session = self._open(model_dir, "cpu", precision)
             self.provider = self.session.get_providers()[0]
 
-    def _open(self, model_dir: Path, device: Device, precision: str | None):
-        """A session of the graph the manifest serves on ``device`` (fp16 on CUDA, int8 on the CPU, when they
-        passed parity with fp32 at export), or of the ``precision`` asked for (benchmarks and predict compare)."""
+    def _open(self, model_dir: Path, device: Device, precision: str | None) -> tuple[str, Any]:
+        """The precision and a session of the graph the manifest serves on ``device`` (fp16 on CUDA, int8 on the
+        CPU, when they passed parity with fp32 at export), or of the ``precision`` asked for (benchmarks and
+        predict compare graphs)."""
         import onnxruntime as ort
 
-        self.precision, graph = self.manifest.graph_for(device)
+        served, graph = self.manifest.graph_for(device)
         if precision is not None:
             if precision not in self.manifest.graphs:
                 raise ContractError(f"{model_dir}: no {precision} graph (has {', '.join(self.manifest.graphs)})")
-            self.precision, graph = precision, self.manifest.graphs[precision]
+            served, graph = precision, self.manifest.graphs[precision]
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-        return ort.InferenceSession(str(model_dir / graph), providers=providers)
+        return served, ort.InferenceSession(str(model_dir / graph), providers=providers)
 
     def predict(self, pages: list[np.ndarray], max_batch: int = MAX_PAGES) -> np.ndarray:
         """P(atypical) per page, in page order; pages of one size go through together, ``max_batch`` at a time

@@ -116,6 +116,7 @@ def report(result: dict, json_out: Path | None) -> dict:
 # --backbone name -> registry entry: Virchow's blocks at three sizes, random weights
 BENCH_BACKBONES = {"tiny-virchow": "tiny-virchow", "vit-base": "vit-base-random", "virchow-size": "virchow-size-random"}
 BENCH_FOLDS = 3
+BENCH_LORA = {"rank": 8, "alpha": 16, "dropout": 0.0}  # the paper's rank; no dropout, so eval == train numerics
 HEAD_STD = 0.5  # a random head that spreads P(atypical) over (0, 1) as a trained one does, so parity means something
 # dense tensor-core peaks (TFLOP/s) per precision: the hardware limit where the GPU is recognised (the T4 has no
 # bf16 tensor cores); the first name contained in the device's name wins
@@ -137,7 +138,7 @@ def peer_folds(backbone: str, device: torch.device) -> list[PeftModel]:
 
     folds = []
     for fold in range(BENCH_FOLDS):
-        model = apply_lora(build_classifier(backbone, head_seed=fold), LoraSettings(rank=8, alpha=16, dropout=0.0))
+        model = apply_lora(build_classifier(backbone, head_seed=fold), LoraSettings(**BENCH_LORA))
         generator = torch.Generator().manual_seed(fold)
         with torch.no_grad():
             for name, param in model.named_parameters():
@@ -231,11 +232,10 @@ def cpu_matmul_ceiling_tflops(precision: str, size: int = 2048, repeats: int = 7
 
 def versions() -> dict[str, str]:
     import onnxruntime
-    import peft
-    import timm
 
-    return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "timm": timm.__version__,
-            "peft": peft.__version__, "python": sys.version.split()[0]}  # fmt: skip
+    from training.train import library_versions
+
+    return {**library_versions(), "onnxruntime": onnxruntime.__version__, "python": sys.version.split()[0]}
 
 
 def bench_stack(device: str = "cpu", backbone: str = "tiny-virchow", repeats: int = 5, case_dir: Path = SAMPLE_CASE,

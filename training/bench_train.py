@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from training.adapt import apply_lora
-from training.bench import BENCH_BACKBONES, hardware_description, set_fused_attention, timed, versions
+from training.bench import BENCH_BACKBONES, BENCH_LORA, hardware_description, set_fused_attention, timed, versions
 from training.config import LoraSettings
 from training.model import Preprocess, build_classifier
 
@@ -46,7 +46,7 @@ def bench_train(device: str = "cpu", backbone: str = "tiny-virchow", batch_size:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: torch sees no GPU here")
     dev = torch.device(device)
-    model = apply_lora(build_classifier(BENCH_BACKBONES[backbone]), LoraSettings(rank=8, alpha=16, dropout=0.0))
+    model = apply_lora(build_classifier(BENCH_BACKBONES[backbone]), LoraSettings(**BENCH_LORA))
     model = model.to(dev).train()
     preprocess = Preprocess.for_backbone(model.get_base_model().backbone).to(dev)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

@@ -73,6 +73,11 @@ def verification_pixels(run_dir: Path, n: int = 16) -> np.ndarray:
         return synthetic_figures(n, seed=7, n_slides=4)[0]
 
 
+def spread_sample(pixels: np.ndarray, n: int = 16) -> np.ndarray:
+    """``n`` patches taken evenly across ``pixels``: the batch merging and ONNX export are checked on."""
+    return pixels[:: max(1, len(pixels) // n)][:n]
+
+
 def fold_model(run_dir: Path, fold: int, pixels: np.ndarray) -> Classifier:
     """One fold's best model as a plain Classifier; LoRA adapters are merged, checked on ``pixels``."""
     cfg = load_config(run_dir / "config.yaml")
@@ -248,7 +253,7 @@ def export_ensemble(
     ``REDUCED_PRECISIONS`` by default) that pass their parity checks on ``parity_pixels`` (real patches), manifest
     with checksums. Replaces an earlier export."""
     ensemble = Ensemble(Preprocess.for_backbone(folds[0].backbone), folds).eval()
-    pixels = parity_pixels[:: max(1, len(parity_pixels) // 16)][:16]
+    pixels = spread_sample(parity_pixels)
     # a single page and an odd page size exercise the dynamic axes and the in-graph resize
     odd = np.pad(pixels[:2], ((0, 0), (0, 72), (0, 22), (0, 0)), mode="reflect")
     batches = [pixels, pixels[:1], odd]
@@ -307,8 +312,7 @@ def export_run(run_dir: Path, output_dir: Path) -> ModelManifest:
         raise ValueError(f"{run_dir}: fold(s) {unfinished} have not finished training")
     summary = json.loads((run_dir / "summary.json").read_text())
     parity_pixels = verification_pixels(run_dir, PARITY_PATCHES)
-    merge_pixels = parity_pixels[:: max(1, len(parity_pixels) // 16)][:16]
-    folds = [fold_model(run_dir, k, merge_pixels) for k in range(cfg.folds)]
+    folds = [fold_model(run_dir, k, spread_sample(parity_pixels)) for k in range(cfg.folds)]
     return export_ensemble(
         folds, parity_pixels, summary["threshold"], output_dir, backbone=cfg.backbone,
         training_config=cfg.model_dump(),

@@ -396,11 +396,15 @@ def pool_out_of_fold(run_dir: Path, cfg: TrainConfig) -> dict:
     return summary
 
 
-def provenance(data_roots: list[Path]) -> dict:
-    """Where a run came from: its data and the code and library versions that trained it."""
+def library_versions() -> dict[str, str]:
     import peft
     import timm
 
+    return {"torch": torch.__version__, "timm": timm.__version__, "peft": peft.__version__}
+
+
+def provenance(data_roots: list[Path]) -> dict:
+    """Where a run came from: its data and the code and library versions that trained it."""
     try:
         repo = Path(__file__).resolve().parents[1]
         sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
@@ -408,8 +412,7 @@ def provenance(data_roots: list[Path]) -> dict:
         git = sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         git = None
-    versions = {"torch": torch.__version__, "timm": timm.__version__, "peft": peft.__version__}
-    return {"data_roots": [str(r.resolve()) for r in data_roots], "git": git, "versions": versions}
+    return {"data_roots": [str(r.resolve()) for r in data_roots], "git": git, "versions": library_versions()}
 
 
 def train_run(

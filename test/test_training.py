@@ -12,7 +12,7 @@ import training.train as train_module
 from training.config import load_config
 from training.export import export_run
 from training.synthetic import write_midog25
-from training.train import augment_d4, augment_stain, train_run
+from training.train import augment_color, augment_d4, augment_stain, train_run
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +108,63 @@ def test_stain_jitter_is_identity_at_zero_and_bounded():
     assert 0.5 < (jittered - batch.float()).abs().mean() < 40
 
 
+def test_color_jitter_is_identity_at_zero_bounded_and_leaves_gray_gray():
+    batch = torch.randint(0, 256, (8, 16, 16, 3), dtype=torch.uint8)
+    torch.testing.assert_close(augment_color(batch, 0.0, torch.Generator().manual_seed(0)), batch.float())
+    jittered = augment_color(batch, 0.2, torch.Generator().manual_seed(0))
+    assert jittered.min() >= 0 and jittered.max() <= 255 and not torch.allclose(jittered, batch.float())
+    gray = torch.randint(60, 200, (8, 16, 16, 1), dtype=torch.uint8).expand(-1, -1, -1, 3)
+    out = augment_color(gray, 0.2, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out[..., 0], out[..., 2])  # saturation scales colour, and gray has none
+    means = out.mean(dim=(1, 2, 3)) / gray.float().mean(dim=(1, 2, 3))
+    assert means.min() >= 0.8 - 1e-4 and means.max() <= 1.2 + 1e-4 and means.std() > 0.01  # brightness per image
+
+
+def test_d4_test_time_augmentation_from_training_to_the_served_graph(small_data, tmp_path):
+    """With tta, val.csv holds the 8-orientation mean (what the graph serves) beside the single view, the summary
+    scores both, and the exported graph's answer does not change when a page is flipped or turned."""
+    import onnxruntime as ort
+
+    from training.adapt import load_fold_model
+    from training.data import decode_figures, read_midog25
+    from training.model import Preprocess
+    from training.train import predict_probs
+
+    cfg = load_config(DEMO_CONFIG, {"epochs": 1, "tta": True})
+    summary = train_run(cfg, [small_data], tmp_path / "run")
+    assert summary["oof_no_tta"]["n"] == summary["oof"]["n"] == 90
+    rows = list(csv.DictReader((tmp_path / "run" / "fold_1" / "val.csv").open()))
+    by_id = {f.image_id: f for f in read_midog25(small_data)}
+    pixels = decode_figures([by_id[r["image_id"]] for r in rows])
+    fold = load_fold_model(cfg, tmp_path / "run" / "fold_1")
+    preprocess = Preprocess.for_backbone(fold.get_base_model().backbone)
+    for column, tta in (("prob_atypical", True), ("prob_atypical_no_tta", False)):
+        probs = predict_probs(fold, preprocess, pixels, 64, torch.device("cpu"), tta=tta)
+        np.testing.assert_allclose(probs, [float(r[column]) for r in rows], atol=1e-5)
+    best = json.loads((tmp_path / "run" / "fold_1" / "best.json").read_text())
+    assert set(best["tta"]) == {"balanced_accuracy", "roc_auc"}
+
+    export_run(tmp_path / "run", tmp_path / "model")
+    session = ort.InferenceSession(str(tmp_path / "model" / "ensemble.onnx"), providers=["CPUExecutionProvider"])
+    pages = pixels[:6]
+    served = session.run(None, {"pixels": pages})[0]
+    for moved in (pages[:, ::-1], pages[:, :, ::-1], np.rot90(pages, 1, axes=(1, 2)), pages.transpose(0, 2, 1, 3)):
+        np.testing.assert_allclose(session.run(None, {"pixels": np.ascontiguousarray(moved)})[0], served, atol=1e-5)
+    plain = predict_probs(fold, preprocess, pages, 64, torch.device("cpu"))
+    assert not np.allclose(plain, predict_probs(fold, preprocess, pages[:, ::-1].copy(), 64, torch.device("cpu")))
+
+
+def test_d4_views_are_the_eight_symmetries_of_the_square():
+    from training.model import d4_views, mean_over_views
+
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    views = torch.stack(d4_views(x))
+    expected = [torch.rot90(img, k, dims=(2, 3)) for img in (x, x.flip(3)) for k in range(4)]
+    assert sorted(v.flatten().tolist() for v in views) == sorted(e.flatten().tolist() for e in expected)
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 8 and torch.equal(views[0], x)
+    torch.testing.assert_close(mean_over_views(torch.arange(16.0), 8), torch.tensor([7.0, 8.0]))
+
+
 @pytest.mark.parametrize("path", sorted((DEMO_CONFIG.parent).glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_names_a_registered_backbone(path):
     from training.backbones import BACKBONES
@@ -148,7 +205,8 @@ def test_losses():
 
 def test_every_training_option_together(small_data, tmp_path):
     options = {"epochs": 2, "loss": "focal", "soft_labels": True, "shift_scale": 0.1, "blur": 0.3,
-               "stain_jitter": 0.05, "patience": 1, "threshold": "domain-balanced", "split": "random"}  # fmt: skip
+               "stain_jitter": 0.05, "color_jitter": 0.1, "patience": 1, "threshold": "domain-balanced",
+               "split": "random"}  # fmt: skip
     summary = train_run(load_config(DEMO_CONFIG, options), [small_data], tmp_path / "run")
     assert 0 <= summary["threshold"] <= 1
     assert (tmp_path / "run" / "provenance.json").is_file()

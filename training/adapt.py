@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from training.config import LoraSettings, TrainConfig
-from training.model import Classifier, build_classifier
+from training.model import Classifier, classifier_for
 
 HEAD = "atypia_head"
 ADAPTER_DIR = "adapter"
@@ -94,7 +94,7 @@ def save_fold_model(model: nn.Module, cfg: TrainConfig, fold_dir: Path) -> None:
 
 def load_fold_model(cfg: TrainConfig, fold_dir: Path) -> nn.Module:
     """The fold's best model as trained: a PeftModel (unmerged) for LoRA, else the Classifier with its weights."""
-    base = build_classifier(cfg.backbone, cfg.weights)
+    base = classifier_for(cfg)
     if cfg.mode == "lora":
         return PeftModel.from_pretrained(base, fold_dir / ADAPTER_DIR).eval()
     restore_learned_state(base, load_file(fold_dir / WEIGHTS_FILE))

@@ -49,7 +49,7 @@ from training.adapt import load_fold_model
 from training.config import TrainConfig, load_config
 from training.data import Figure, decode_figures, read_datasets
 from training.evaluate import figures as figures_of
-from training.model import Classifier, Preprocess, build_classifier
+from training.model import Classifier, Preprocess, classifier_for
 from training.train import train_run
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ def measure_blur(cell: Cell, run_dir: Path, figures: list[Figure], pixels: np.nd
 
 def measure_cost(config: TrainConfig) -> dict[str, float]:
     """Parameters, GFLOPs per 128 px figure (resize included), and the median time of one 16-figure stack."""
-    classifier = build_classifier(config.backbone, config.weights).eval()
+    classifier = classifier_for(config).eval()
     preprocess = Preprocess.for_backbone(classifier.backbone)
     stack = torch.randint(0, 256, (STACK, 128, 128, 3), dtype=torch.uint8)
     with torch.no_grad():

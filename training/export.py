@@ -2,7 +2,8 @@
 
 Per fold: rebuild the base and load what the fold learned; LoRA adapters are merged with ``merge_and_unload()``,
 checked to give the unmerged model's logits. Then ``Preprocess -> folds -> mean(sigmoid)`` is exported as one
-graph (input ``pixels`` uint8 [N, H, W, 3], output ``prob_atypical`` float [N], dynamic N/H/W), checked with
+graph (input ``pixels`` uint8 [N, H, W, 3], output ``prob_atypical`` float [N], dynamic N/H/W; a run trained with
+``tta`` averages each figure's 8 flips and quarter turns inside the graph), checked with
 ``onnx.checker`` and against PyTorch in ONNX Runtime, and described by ``manifest.json``.
 
 Reduced precisions, each behind a parity guard against the fp32 graph on real patches, on the provider that
@@ -248,11 +249,12 @@ def export_ensemble(
     training_config: dict,
     oof_metrics: dict[str, float | None],
     reduced_precisions: tuple[ReducedPrecision, ...] | None = None,
+    tta: bool = False,
 ) -> ModelManifest:
-    """Merged folds -> the model folder ``process.py`` serves: fp32 graph, reduced precisions (all of
-    ``REDUCED_PRECISIONS`` by default) that pass their parity checks on ``parity_pixels`` (real patches), manifest
-    with checksums. Replaces an earlier export."""
-    ensemble = Ensemble(Preprocess.for_backbone(folds[0].backbone), folds).eval()
+    """Merged folds -> the model folder ``process.py`` serves: fp32 graph (with ``tta``, averaging the 8 D4
+    orientations), reduced precisions (all of ``REDUCED_PRECISIONS`` by default) that pass their parity checks on
+    ``parity_pixels`` (real patches), manifest with checksums. Replaces an earlier export."""
+    ensemble = Ensemble(Preprocess.for_backbone(folds[0].backbone), folds, tta=tta).eval()
     pixels = spread_sample(parity_pixels)
     # a single page and an odd page size exercise the dynamic axes and the in-graph resize
     odd = np.pad(pixels[:2], ((0, 0), (0, 72), (0, 22), (0, 0)), mode="reflect")
@@ -316,5 +318,5 @@ def export_run(run_dir: Path, output_dir: Path) -> ModelManifest:
     return export_ensemble(
         folds, parity_pixels, summary["threshold"], output_dir, backbone=cfg.backbone,
         training_config=cfg.model_dump(),
-        oof_metrics={k: float(v) if math.isfinite(v) else None for k, v in summary["oof"].items()},
+        oof_metrics={k: float(v) if math.isfinite(v) else None for k, v in summary["oof"].items()}, tta=cfg.tta,
     )  # fmt: skip

@@ -14,6 +14,7 @@ from timm.data import resolve_data_config
 from torch import nn
 
 from training.backbones import Pooling, backbone_spec, create_backbone
+from training.config import TrainConfig
 
 _TORCH_MODES = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest"}
 
@@ -60,12 +61,18 @@ class Classifier(nn.Module):
     Pooling, as each backbone was published: ``cls+mean`` = concat(CLS token, mean of patch tokens), with prefix
     tokens (CLS and registers) excluded from the mean; ``cls`` = the CLS token; ``avg`` = global average of a CNN's
     last feature map.
+
+    With ``standardize``, each image's channels are brought to mean 0 and standard deviation 1 before the
+    backbone (a Reinhard-style normalization in RGB): what differs between scanners and labs as a global gain and
+    offset per channel never reaches the network. For models trained from scratch; a pretrained backbone expects
+    its own normalization.
     """
 
-    def __init__(self, backbone: nn.Module, pooling: Pooling):
+    def __init__(self, backbone: nn.Module, pooling: Pooling, standardize: bool = False):
         super().__init__()
         self.backbone = backbone
         self.pooling = pooling
+        self.standardize = standardize
         self.num_prefix_tokens = int(getattr(backbone, "num_prefix_tokens", 0))
         dim = backbone.num_features * (2 if pooling == "cls+mean" else 1)
         # not "head": peft matches modules_to_save by name suffix, and timm backbones have a `head` of their own
@@ -76,6 +83,9 @@ class Classifier(nn.Module):
         return self.atypia_head.in_features
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.standardize:
+            mean = x.mean(dim=(2, 3), keepdim=True)
+            x = (x - mean) / (x - mean).square().mean(dim=(2, 3), keepdim=True).add(1e-4).sqrt()
         features = self.backbone.forward_features(x)
         if self.pooling == "avg":  # the CNN's own head up to its classifier: pooling (and a final norm, if any)
             return self.backbone.forward_head(features, pre_logits=True)
@@ -87,22 +97,54 @@ class Classifier(nn.Module):
         return self.atypia_head(self.embed(x)).squeeze(-1)
 
 
-def build_classifier(backbone: str, weights: str | None = None, head_seed: int = 0) -> Classifier:
-    model = Classifier(create_backbone(backbone, weights), backbone_spec(backbone).pooling)
+def build_classifier(backbone: str, weights: str | None = None, head_seed: int = 0,
+                     standardize: bool = False) -> Classifier:  # fmt: skip
+    model = Classifier(create_backbone(backbone, weights), backbone_spec(backbone).pooling, standardize)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(head_seed)
         model.atypia_head.reset_parameters()
     return model
 
 
-class Ensemble(nn.Module):
-    """The exported graph: raw pixels -> P(atypical), the mean over folds of sigmoid(logit)."""
+def d4_views(x: torch.Tensor, h: int = 2, w: int = 3) -> list[torch.Tensor]:
+    """The 8 flips and quarter turns (the dihedral group D4) of images with spatial dims ``h`` and ``w``: the four
+    flips of ``x``, then the four of its transpose (every quarter turn is a transpose and a flip)."""
+    t = x.transpose(h, w)
+    return [v for y in (x, t) for v in (y, y.flip(w), y.flip(h), y.flip((h, w)))]
 
-    def __init__(self, preprocess: Preprocess, folds: Sequence[nn.Module]):
+
+def mean_over_views(probs: torch.Tensor, views: int) -> torch.Tensor:
+    """[views * N] view-major -> [N], the mean over views."""
+    return probs.reshape(views, -1).mean(dim=0)
+
+
+def classifier_for(cfg: TrainConfig, head_seed: int = 0) -> Classifier:
+    """The untrained classifier a run's config describes (its weights come from the fold's files)."""
+    return build_classifier(cfg.backbone, cfg.weights, head_seed, standardize=cfg.standardize_input)
+
+
+class Ensemble(nn.Module):
+    """The exported graph: raw pixels -> P(atypical), the mean over folds of sigmoid(logit).
+
+    With ``tta`` each figure is also seen in its 8 D4 orientations (one batch of 8N through every fold) and the
+    probabilities are averaged over folds and orientations: a mitotic figure has no canonical orientation, and
+    the folds were trained on all eight.
+    """
+
+    def __init__(self, preprocess: Preprocess, folds: Sequence[nn.Module], tta: bool = False):
         super().__init__()
         self.preprocess = preprocess
         self.folds = nn.ModuleList(folds)
+        self.tta = tta
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = self.preprocess(pixels)
-        return torch.stack([torch.sigmoid(fold(x)) for fold in self.folds]).mean(dim=0)
+        if self.tta:
+            # the pages are turned before the resize, as uint8 NHWC: a page need not be square, so the upright
+            # and the transposed views are resized apart. (Turning the resized tensor instead exports a Transpose
+            # that ONNX Runtime's layout optimizer pushes into the bicubic Resize, which it then cannot run.)
+            views = d4_views(pixels, h=1, w=2)
+            x = torch.cat([self.preprocess(torch.cat(views[:4])), self.preprocess(torch.cat(views[4:]))])
+        else:
+            x = self.preprocess(pixels)
+        probs = torch.stack([torch.sigmoid(fold(x)) for fold in self.folds]).mean(dim=0)
+        return mean_over_views(probs, 8 if self.tta else 1)

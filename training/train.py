@@ -12,7 +12,7 @@ Run folder (nnU-Net style)::
     RUN_DIR/fold_<k>/val.csv     the best epoch's predictions on the held-out fold
     RUN_DIR/fold_<k>/best.json   best epoch and its validation figures; written last, it marks the fold finished
     RUN_DIR/oof.csv              all folds' held-out predictions (image_id, fold, label, prob_atypical, domain =
-                                 scanner, tumor)
+                                 scanner, tumor; with tta, also prob_atypical_no_tta)
     RUN_DIR/summary.json         threshold chosen on the pooled out-of-fold predictions, its figures (also per scanner)
 
 Rerunning the same command skips finished folds and resumes an interrupted one from its checkpoint, RNG states
@@ -51,7 +51,7 @@ from training.adapt import (
 from training.config import TrainConfig, load_config, save_config
 from training.data import Figure, decode_figures, read_datasets
 from training.metrics import choose_threshold, summarize
-from training.model import Preprocess, build_classifier
+from training.model import Preprocess, classifier_for, d4_views, mean_over_views
 from training.splits import load_or_create_splits, training_subset
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,20 @@ def augment_stain(batch: torch.Tensor, strength: float, generator: torch.Generat
     beta = (torch.rand(n, 1, 1, 3, generator=generator) * 2 - 1) * strength
     od = (concentrations * alpha + beta) @ RGB_FROM_HED
     return (256 * torch.exp(-od) - 1).clamp(0, 255)
+
+
+def augment_color(batch: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """Brightness, contrast and saturation, each scaled per image by a factor in [1 - strength, 1 + strength]:
+    scanners differ in exposure, gamma and colour saturation as well as in stain. [N, H, W, 3] in, float out."""
+    x = batch.float()
+    n = len(x)
+    brightness, contrast, saturation = 1 + (torch.rand(3, n, 1, 1, 1, generator=generator) * 2 - 1) * strength
+    x = x * brightness
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * contrast + mean
+    gray = x @ torch.tensor([0.299, 0.587, 0.114])
+    x = gray[..., None] + (x - gray[..., None]) * saturation
+    return x.clamp(0, 255)
 
 
 def augment_geometry_blur(batch: torch.Tensor, shift_scale: float, blur: float, generator: torch.Generator):
@@ -131,14 +145,24 @@ def embed_all(classifier, preprocess, pixels: np.ndarray, batch_size: int, devic
     return np.concatenate([classifier.embed(preprocess(chunk)).float().cpu().numpy() for chunk in chunks])
 
 
+def network_input(x: torch.Tensor) -> torch.Tensor:
+    """Images in channels-last layout (NHWC in memory), which oneDNN and cuDNN convolve faster (about 1.3x per
+    training step and 2x in evaluation for EfficientNetV2-B0 on a CPU); embeddings pass unchanged."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
 @torch.no_grad()
-def predict_probs(model, preprocess, pixels: np.ndarray, batch_size: int, device: torch.device) -> np.ndarray:
-    """Validation probabilities in fp32, the precision the exported graph serves: the threshold is chosen on them."""
+def predict_probs(model, preprocess, pixels: np.ndarray, batch_size: int, device: torch.device,
+                  tta: bool = False) -> np.ndarray:  # fmt: skip
+    """Validation probabilities in fp32, the precision the exported graph serves: the threshold is chosen on them.
+    With ``tta``, the mean over the 8 D4 orientations, as the exported graph computes it."""
     model.eval()
     probs = []
     for start in range(0, len(pixels), batch_size):
         x = preprocess(torch.from_numpy(pixels[start : start + batch_size]).to(device))
-        probs.append(torch.sigmoid(model(x).float()).cpu().numpy())
+        views = torch.cat(d4_views(x)) if tta else x
+        p = torch.sigmoid(model(network_input(views)).float())
+        probs.append(mean_over_views(p, 8 if tta else 1).cpu().numpy())
     return np.concatenate(probs)
 
 
@@ -227,9 +251,9 @@ def train_fold(
     val_x, val_y = pixels[is_val], labels[is_val]
     val_figs = [f for f, v in zip(figures, is_val, strict=True) if v]
 
-    classifier = build_classifier(cfg.backbone, cfg.weights, head_seed=cfg.seed + fold)
+    classifier = classifier_for(cfg, head_seed=cfg.seed + fold)
     preprocess = Preprocess.for_backbone(classifier.backbone).to(device)
-    model = prepare(classifier, cfg).to(device)
+    model = prepare(classifier, cfg).to(device, memory_format=torch.channels_last)
     network = model  # what a training batch goes through
     if cfg.mode == "linear":
         # the backbone is frozen and the inputs unaugmented: embed every figure once, then only the head trains
@@ -282,10 +306,12 @@ def train_fold(
                 batch = augment_d4(batch, generator)
             if cfg.stain_jitter:
                 batch = augment_stain(batch, cfg.stain_jitter, generator)
+            if cfg.color_jitter:
+                batch = augment_color(batch, cfg.color_jitter, generator)
             if cfg.shift_scale or cfg.blur:
                 batch = augment_geometry_blur(batch, cfg.shift_scale, cfg.blur, generator)
             share = slice(workers.rank, None, workers.world)
-            x = preprocess(batch[share].to(device))
+            x = network_input(preprocess(batch[share].to(device)))
             y = torch.from_numpy(train_y[idx][share]).to(device)
             for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
                 group["lr"] = base_lr * _lr_factor(step, total_steps, warmup)
@@ -335,7 +361,16 @@ def train_fold(
             board.close()
         restore_learned_state(model, state["best_state"])
         save_fold_model(model, cfg, fold_dir)
-        _write_predictions(fold_dir / "val.csv", val_figs, fold, np.array(state["best_probs"]))
+        probs = {"prob_atypical": np.array(state["best_probs"])}
+        if cfg.tta:  # what the exported graph will serve; the single-view figures stay beside them for comparison
+            probs = {"prob_atypical": predict_probs(network, preprocess, val_x, cfg.eval_batch_size, device, tta=True),
+                     "prob_atypical_no_tta": probs["prob_atypical"]}  # fmt: skip
+            tta = summarize(val_y, probs["prob_atypical"], threshold=0.5)
+            state["best"]["tta"] = {k: tta[k] for k in ("balanced_accuracy", "roc_auc")}
+            log.info("fold %d best epoch with D4 TTA: BA %.4f AUC %.4f (without: %.4f, %.4f)", fold,
+                     tta["balanced_accuracy"], tta["roc_auc"], state["best"]["balanced_accuracy"],
+                     state["best"]["roc_auc"])  # fmt: skip
+        _write_predictions(fold_dir / "val.csv", val_figs, fold, probs)
         tmp = fold_dir / f".{FINISHED_MARKER}.tmp"
         tmp.write_text(json.dumps(state["best"], indent=1))
         os.replace(tmp, fold_dir / FINISHED_MARKER)  # last, and whole: it marks the fold finished
@@ -350,21 +385,14 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def _write_predictions(path: Path, figures: list[Figure], fold: int, probs: np.ndarray) -> None:
-    _write_rows(
-        path,
-        [
-            {
-                "image_id": f.image_id,
-                "fold": fold,
-                "label": f.label,
-                "prob_atypical": float(p),
-                "domain": f.scanner,
-                "tumor": f.tumor,
-            }
-            for f, p in zip(figures, probs, strict=True)
-        ],
-    )
+def _write_predictions(path: Path, figures: list[Figure], fold: int, probs: dict[str, np.ndarray]) -> None:
+    """One row per figure; ``probs`` maps column name -> probabilities (``prob_atypical`` first)."""
+    rows = []
+    for i, f in enumerate(figures):
+        row = {"image_id": f.image_id, "fold": fold, "label": f.label}
+        row.update({column: float(p[i]) for column, p in probs.items()})
+        rows.append({**row, "domain": f.scanner, "tumor": f.tumor})
+    _write_rows(path, rows)
 
 
 def unfinished_folds(run_dir: Path, n_folds: int) -> list[int]:
@@ -389,6 +417,10 @@ def pool_out_of_fold(run_dir: Path, cfg: TrainConfig) -> dict:
     threshold = choose_threshold(labels, probs, domains)
     summary = {"threshold": threshold, "oof": summarize(labels, probs, threshold)}
     summary["oof_at_0.5"] = summarize(labels, probs, 0.5)
+    if "prob_atypical_no_tta" in rows[0]:  # the same folds without test-time augmentation, at their own threshold
+        single = np.array([float(r["prob_atypical_no_tta"]) for r in rows])
+        single_threshold = choose_threshold(labels, single, domains)
+        summary["oof_no_tta"] = summarize(labels, single, single_threshold)
     scanners = np.array([r["domain"] for r in rows])
     summary["oof_by_scanner"] = {str(s): summarize(labels[scanners == s], probs[scanners == s], threshold)
                                  for s in np.unique(scanners)}  # fmt: skip

@@ -190,6 +190,25 @@ def test_shift_scale_and_blur():
     assert not torch.allclose(moved, batch.float())
 
 
+def test_sharpness_jitter_spans_blurring_to_sharpening():
+    from training.train import _binomial_blur, augment_sharpness
+
+    batch = torch.randint(40, 216, (64, 32, 32, 3), dtype=torch.uint8)
+    torch.testing.assert_close(augment_sharpness(batch, 0.0, torch.Generator().manual_seed(0)), batch.float())
+    out = augment_sharpness(batch, 1.0, torch.Generator().manual_seed(0))
+    assert out.min() >= 0 and out.max() <= 255
+
+    def roughness(x):
+        return (x[:, 1:] - x[:, :-1]).abs().mean(dim=(1, 2, 3))
+
+    ratio = roughness(out) / roughness(batch.float())
+    assert ratio.min() < 0.6 and ratio.max() > 1.4  # some images blurred, some sharpened
+    k = (torch.rand(64, 1, 1, 1, generator=torch.Generator().manual_seed(0)) * 2 - 1)[:1]
+    x = batch[:1].float().permute(0, 3, 1, 2)
+    expected = (x + k * (x - _binomial_blur(x))).permute(0, 2, 3, 1).clamp(0, 255)
+    torch.testing.assert_close(out[:1], expected)  # the first image, with the first draw of k
+
+
 def test_losses():
     from training.train import classification_loss
 

@@ -53,13 +53,13 @@ class TrainConfig(_Strict):
     shift_scale: float = Field(0.0, ge=0, lt=0.5, description="random shift and zoom, as a fraction of the patch")
     blur: float = Field(0.0, ge=0, le=1, description="probability of a mild Gaussian blur (focus differences)")
     stain_jitter: float = Field(0.0, ge=0, lt=1, description="HED stain jitter strength (0 = off), for scanner shift")
+    sharpness_jitter: float = Field(0.0, ge=0, le=2, description="blur (k < 0) or sharpen (k > 0) by |k| <= this")
     color_jitter: float = Field(0.0, ge=0, lt=1, description="brightness, contrast, saturation jitter (0 = off)")
     tta: bool = Field(
         False,
         description="D4 test-time augmentation: the fold's final validation predictions and the exported graph "
         "average the 8 flips and quarter turns",
     )
-    standardize_input: bool = Field(False, description="each image's channels to mean 0, std 1 before the backbone")
     eval_batch_size: int = Field(64, ge=1)
     grad_checkpointing: bool = Field(False, description="on CUDA: recompute activations, trading time for memory")
     threshold: Literal["pooled", "domain-balanced"] = Field(
@@ -68,10 +68,11 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _linear_probe_is_unaugmented(self) -> TrainConfig:
-        augmented = self.augment or self.stain_jitter or self.color_jitter or self.shift_scale or self.blur
+        augmented = self.augment or self.stain_jitter or self.color_jitter or self.sharpness_jitter or self.shift_scale
+        augmented = augmented or self.blur
         if self.mode == "linear" and (augmented or self.tta):
             raise ValueError("mode linear embeds each figure once: set augment and tta false and stain_jitter, "
-                             "color_jitter, shift_scale, blur 0")  # fmt: skip
+                             "color_jitter, sharpness_jitter, shift_scale, blur 0")  # fmt: skip
         return self
 
     @model_validator(mode="after")

@@ -5,6 +5,11 @@ Input CSV (``python -m training predict`` writes it): ``image_id, label`` (1 = a
 sensitivity (atypical recall), specificity and accuracy from ``pred``; ROC AUC from ``prob_atypical``. Plus a 95%
 bootstrap interval of the balanced accuracy, resampling figures with a seeded generator:
 ``numpy.random.default_rng(seed).integers(0, n, size=(resamples, n))``, percentiles 2.5 and 97.5.
+
+And, pooled and per domain, an oracle: the threshold that would maximize balanced accuracy on those very figures
+and the balanced accuracy it reaches. Set against the figures at the threshold fixed in advance, it shows how much
+a domain loses to calibration shift (an unseen scanner moving every probability up or down) rather than to
+ranking (its AUC).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
+
+from training.metrics import balanced_accuracy, choose_threshold
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +65,16 @@ def figures(label: np.ndarray, pred: np.ndarray, prob: np.ndarray) -> dict[str, 
     positive = label == 1
     sensitivity = _rate(pred == 1, positive)
     specificity = _rate(pred == 0, ~positive)
+    both_classes = 0 < positive.sum() < len(label)
+    oracle = choose_threshold(label, prob) if both_classes else math.nan
     return {
         "balanced_accuracy": (sensitivity + specificity) / 2,
         "sensitivity": sensitivity,
         "specificity": specificity,
         "accuracy": float((pred == label).mean()),
-        "roc_auc": float(roc_auc_score(label, prob)) if 0 < positive.sum() < len(label) else math.nan,
+        "roc_auc": float(roc_auc_score(label, prob)) if both_classes else math.nan,
+        "oracle_threshold": oracle,
+        "oracle_balanced_accuracy": balanced_accuracy(label, prob >= oracle) if both_classes else math.nan,
         "n": len(label),
     }
 
@@ -92,8 +103,10 @@ def evaluate(preds: dict[str, np.ndarray], resamples: int = BOOTSTRAP_RESAMPLES,
 
 
 def table(result: dict) -> str:
-    keys = ("balanced_accuracy", "sensitivity", "specificity", "accuracy", "roc_auc", "n")
-    lines = [f"{'':24}" + "".join(f"{k[:17]:>18}" for k in keys)]
+    keys = ("balanced_accuracy", "sensitivity", "specificity", "accuracy", "roc_auc", "oracle_threshold",
+            "oracle_balanced_accuracy", "n")  # fmt: skip
+    header = {"oracle_balanced_accuracy": "oracle_BA"}
+    lines = [f"{'':24}" + "".join(f"{header.get(k, k)[:17]:>18}" for k in keys)]
     for name, figs in [("all", result), *result["domains"].items()]:
         lines.append(f"{name[:24]:24}" + "".join(f"{figs[k]:>18.4f}" if k != "n" else f"{figs[k]:>18d}" for k in keys))
     lo, hi = result["balanced_accuracy_ci"]

@@ -102,6 +102,15 @@ def augment_color(batch: torch.Tensor, strength: float, generator: torch.Generat
     return x.clamp(0, 255)
 
 
+BINOMIAL_5 = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16  # a Gaussian of sigma ~1 px, normalized
+
+
+def _binomial_blur(x: torch.Tensor) -> torch.Tensor:
+    """float [N, C, H, W] smoothed by the 5x5 binomial kernel, borders reflected."""
+    kernel = (BINOMIAL_5[:, None] * BINOMIAL_5[None, :]).expand(x.shape[1], 1, 5, 5)
+    return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), kernel, groups=x.shape[1])
+
+
 def augment_geometry_blur(batch: torch.Tensor, shift_scale: float, blur: float, generator: torch.Generator):
     """Small random shift and zoom (the figure is not always centred), and a mild blur with probability ``blur``.
 
@@ -121,10 +130,19 @@ def augment_geometry_blur(batch: torch.Tensor, shift_scale: float, blur: float, 
         blurred = x.clone()
         chosen = torch.rand(n, generator=generator) < blur
         if chosen.any():
-            kernel = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16  # binomial, sigma ~ 1 px
-            k2 = (kernel[:, None] * kernel[None, :]).expand(3, 1, 5, 5)
-            blurred[chosen] = F.conv2d(F.pad(x[chosen], (2, 2, 2, 2), mode="reflect"), k2, groups=3)
+            blurred[chosen] = _binomial_blur(x[chosen])
         x = blurred
+    return x.permute(0, 2, 3, 1).clamp(0, 255)
+
+
+def augment_sharpness(batch: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """``x + k (x - blur(x))`` with ``k`` uniform in [-strength, strength] per image: k < 0 blurs (k = -1 is the
+    binomial blur itself), k > 0 sharpens (unsharp masking). Scanners differ most in sharpness: on the breast
+    subset the mean gradient of an Aperio CS2 patch is 1.7x a Hamamatsu S360 one (docs/results.md).
+    [N, H, W, 3] in, float [N, H, W, 3] in [0, 255] out."""
+    x = batch.float().permute(0, 3, 1, 2)
+    k = (torch.rand(len(x), 1, 1, 1, generator=generator) * 2 - 1) * strength
+    x = x + k * (x - _binomial_blur(x))
     return x.permute(0, 2, 3, 1).clamp(0, 255)
 
 
@@ -310,6 +328,8 @@ def train_fold(
                 batch = augment_color(batch, cfg.color_jitter, generator)
             if cfg.shift_scale or cfg.blur:
                 batch = augment_geometry_blur(batch, cfg.shift_scale, cfg.blur, generator)
+            if cfg.sharpness_jitter:
+                batch = augment_sharpness(batch, cfg.sharpness_jitter, generator)
             share = slice(workers.rank, None, workers.world)
             x = network_input(preprocess(batch[share].to(device)))
             y = torch.from_numpy(train_y[idx][share]).to(device)

@@ -32,6 +32,24 @@ def test_real_patches_decode_to_128px_rgb(breast_subset):
     assert 60 < pixels.mean() < 240  # real H&E, not an empty buffer
 
 
+def test_describe_shows_the_real_scanners_differ_most_in_sharpness(breast_subset, tmp_path):
+    from conftest import run_cli
+
+    out = tmp_path / "domains.json"
+    result = run_cli("-m", "training", "describe", "--data-root", shared_path("midog25-breast-subset"), "--json", out)
+    assert "Hamamatsu S360" in result.stdout and "sharpness" in result.stdout
+    domains = json.loads(out.read_text())
+    assert {d: v["figures"] for d, v in domains.items()} == {"Aperio CS2": 688, "Hamamatsu S360": 582,
+                                                              "Hamamatsu XR": 451}  # fmt: skip
+    sharp = {d: v["sharpness"] for d, v in domains.items()}
+    assert sharp["Aperio CS2"] > 1.5 * sharp["Hamamatsu S360"] and sharp["Hamamatsu XR"] > sharp["Hamamatsu S360"]
+    xr = [f for f in breast_subset if f.scanner == "Hamamatsu XR"]
+    gray = decode_figures(xr).astype(np.float64).mean(axis=-1)  # independently: neighbour differences, by hand
+    by_hand = np.mean([np.abs(g[1:] - g[:-1]).mean() + np.abs(g[:, 1:] - g[:, :-1]).mean() for g in gray])
+    assert abs(domains["Hamamatsu XR"]["sharpness"] - by_hand) < 1e-3
+    assert abs(domains["Hamamatsu XR"]["atypical_share"] - np.mean([f.label for f in xr])) < 1e-12
+
+
 def test_official_full_csv_has_the_columns_the_reader_needs():
     path = shared_path("metadata", "MIDOG25_Atypical_Classification_Train_Set.full.csv")
     with path.open(newline="") as f:

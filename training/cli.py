@@ -1,5 +1,5 @@
-"""``python -m training <command>``: synth | case | train | export | predict | evaluate | experiment | cold-start |
-bench | bench-train."""
+"""``python -m training <command>``: synth | case | describe | train | export | predict | evaluate | experiment |
+cold-start | bench | bench-train."""
 
 from __future__ import annotations
 
@@ -23,6 +23,21 @@ def _case(args: argparse.Namespace) -> None:
     pages, _ = synthetic_figures(args.pages, seed=args.seed, n_slides=2)
     path = write_case(args.output, pages, name=args.name, fmt=args.format)
     log.info("wrote a %d-page case to %s", args.pages, path)
+
+
+def _describe(args: argparse.Namespace) -> None:
+    import json
+
+    from training.data import decode_figures, describe_domains, read_datasets
+
+    figures = read_datasets(args.data_root)
+    domains = describe_domains(figures, decode_figures(figures))
+    print(f"{'scanner':24}" + "".join(f"{k:>15}" for k in next(iter(domains.values()))))
+    for scanner, figs in domains.items():
+        print(f"{scanner[:24]:24}" + "".join(f"{v:>15.3f}" if isinstance(v, float) else f"{v:>15d}" for v in
+                                              figs.values()))  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(domains, indent=1) + "\n")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -97,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="stack")
     p.add_argument("--format", choices=("tiff", "tif", "mha"), default="tiff")
     p.set_defaults(func=_case)
+
+    p = sub.add_parser("describe", help="per scanner: figures, atypical share, mean colour, sharpness")
+    p.add_argument("--data-root", type=Path, nargs="+", required=True)
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    p.set_defaults(func=_describe)
 
     p = sub.add_parser("train", help="train the folds of a config on dataset folders")
     p.add_argument("--config", type=Path, required=True)

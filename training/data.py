@@ -290,3 +290,20 @@ def decode_figures(figures: list[Figure], cache_dir: Path | None = None) -> np.n
         np.save(tmp, pixels)
         os.replace(tmp, cached)
     return pixels
+
+
+def describe_domains(figures: list[Figure], pixels: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per scanner: figures, atypical share, mean RGB and sharpness (the mean absolute difference between
+    neighbouring pixels of the gray image, across and down). How a dataset's domains differ, so augmentation
+    can cover it: on the breast subset the scanners differ most in sharpness."""
+    gray = pixels.astype(np.float32).mean(axis=-1)
+    sharpness = np.abs(np.diff(gray, axis=1)).mean(axis=(1, 2)) + np.abs(np.diff(gray, axis=2)).mean(axis=(1, 2))
+    scanners = np.array([f.scanner for f in figures])
+    labels = np.array([f.label for f in figures])
+    result = {}
+    for scanner in sorted(set(scanners)):
+        m = scanners == scanner
+        red, green, blue = (float(c) for c in pixels[m].reshape(-1, 3).mean(axis=0))
+        result[scanner] = {"figures": int(m.sum()), "atypical_share": float(labels[m].mean()), "red": red,
+                           "green": green, "blue": blue, "sharpness": float(sharpness[m].mean())}  # fmt: skip
+    return result

@@ -138,7 +138,7 @@ def augment_geometry_blur(batch: torch.Tensor, shift_scale: float, blur: float, 
 def augment_sharpness(batch: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
     """``x + k (x - blur(x))`` with ``k`` uniform in [-strength, strength] per image: k < 0 blurs (k = -1 is the
     binomial blur itself), k > 0 sharpens (unsharp masking). Scanners differ most in sharpness: on the breast
-    subset the mean gradient of an Aperio CS2 patch is 1.7x a Hamamatsu S360 one (docs/results.md).
+    subset the mean gradient of an Aperio CS2 patch is 1.7x a Hamamatsu S360 one (python -m training describe).
     [N, H, W, 3] in, float [N, H, W, 3] in [0, 255] out."""
     x = batch.float().permute(0, 3, 1, 2)
     k = (torch.rand(len(x), 1, 1, 1, generator=generator) * 2 - 1) * strength

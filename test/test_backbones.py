@@ -96,6 +96,21 @@ def test_task_specific_models_take_native_128px_patches(name):
         assert clf(pre(torch.zeros(2, 128, 128, 3, dtype=torch.uint8))).shape == (2,)
 
 
+def test_standardized_input_ignores_a_gain_and_offset_per_channel():
+    """What a scanner or stain changes as gain and offset per colour channel cannot change the answer."""
+    from training.config import TrainConfig
+    from training.model import classifier_for
+
+    cfg = TrainConfig(backbone="efficientnetv2-b0-scratch", mode="full", standardize_input=True)
+    clf = classifier_for(cfg, head_seed=1).eval()
+    plain = build_classifier("efficientnetv2-b0-scratch", head_seed=1).eval()
+    x = torch.randn(3, 3, 128, 128)
+    shifted = x * torch.tensor([0.6, 1.3, 0.9]).view(1, 3, 1, 1) + torch.tensor([0.4, -0.2, 0.1]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(clf(shifted), clf(x), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(plain(shifted), plain(x), atol=1e-3)
+
+
 def test_embedding_is_cls_plus_mean_of_patch_tokens():
     clf = build_classifier("tiny-virchow").eval()
     x = torch.randn(2, 3, 112, 112)

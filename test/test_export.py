@@ -94,6 +94,24 @@ def test_export_refuses_a_run_with_unfinished_folds(demo_run, tmp_path):
     assert not (tmp_path / "model").exists()
 
 
+def test_one_fold_exports_alone(demo_run, merged_folds, pixels, tmp_path):
+    """A single fold of a run (a leave-one-scanner-out fold, to serve on its unseen scanner) exports as a
+    one-fold ensemble whose graph gives that fold's probabilities."""
+    from conftest import run_cli
+
+    run_cli("-m", "training", "export", demo_run["run"], "--output", tmp_path / "fold1", "--fold", "1")
+    manifest = ModelManifest.load(tmp_path / "fold1")
+    assert manifest.folds == 1
+    session = ort.InferenceSession(str(tmp_path / "fold1" / "ensemble.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        x = Preprocess.for_backbone(merged_folds[1].backbone)(torch.from_numpy(pixels))
+        expected = torch.sigmoid(merged_folds[1](x)).numpy()
+    np.testing.assert_allclose(session.run(None, {"pixels": pixels})[0], expected, atol=ONNX_ATOL)
+    result = run_cli("-m", "training", "export", demo_run["run"], "--output", tmp_path / "bad", "--fold", "3",
+                     check=False)  # fmt: skip
+    assert result.returncode == 1 and "folds [3] outside 0..2" in result.stderr
+
+
 def test_a_run_folder_refuses_a_different_config(demo_run):
     from training.train import train_run
 

@@ -52,7 +52,7 @@ def _train(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from training.export import export_run
 
-    export_run(args.run_dir, args.output)
+    export_run(args.run_dir, args.output, args.fold)
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="merge each fold's adapter and export one ONNX ensemble + manifest")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--output", type=Path, required=True, help="model folder")
+    p.add_argument("--fold", type=int, action="append", help="export only this fold (repeat for more); default all")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("predict", help="run an exported model on a MIDOG25-layout folder, as the container does")

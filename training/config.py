@@ -60,6 +60,7 @@ class TrainConfig(_Strict):
         description="D4 test-time augmentation: the fold's final validation predictions and the exported graph "
         "average the 8 flips and quarter turns",
     )
+    standardize_input: bool = Field(False, description="each image's channels to mean 0, std 1 before the backbone")
     eval_batch_size: int = Field(64, ge=1)
     grad_checkpointing: bool = Field(False, description="on CUDA: recompute activations, trading time for memory")
     threshold: Literal["pooled", "domain-balanced"] = Field(

@@ -308,15 +308,20 @@ def export_ensemble(
     return manifest
 
 
-def export_run(run_dir: Path, output_dir: Path) -> ModelManifest:
+def export_run(run_dir: Path, output_dir: Path, folds: list[int] | None = None) -> ModelManifest:
+    """Every fold of the run (or only ``folds``: one leave-one-scanner-out fold, say, to serve it on the scanner it
+    never saw), at the threshold chosen on the run's pooled out-of-fold predictions."""
     cfg = load_config(run_dir / "config.yaml")
     if unfinished := unfinished_folds(run_dir, cfg.folds):
         raise ValueError(f"{run_dir}: fold(s) {unfinished} have not finished training")
+    chosen = list(range(cfg.folds)) if folds is None else sorted(set(folds))
+    if not chosen or not all(0 <= k < cfg.folds for k in chosen):
+        raise ValueError(f"{run_dir}: folds {folds} outside 0..{cfg.folds - 1}")
     summary = json.loads((run_dir / "summary.json").read_text())
     parity_pixels = verification_pixels(run_dir, PARITY_PATCHES)
-    folds = [fold_model(run_dir, k, spread_sample(parity_pixels)) for k in range(cfg.folds)]
+    models = [fold_model(run_dir, k, spread_sample(parity_pixels)) for k in chosen]
     return export_ensemble(
-        folds, parity_pixels, summary["threshold"], output_dir, backbone=cfg.backbone,
+        models, parity_pixels, summary["threshold"], output_dir, backbone=cfg.backbone,
         training_config=cfg.model_dump(),
         oof_metrics={k: float(v) if math.isfinite(v) else None for k, v in summary["oof"].items()}, tta=cfg.tta,
     )  # fmt: skip

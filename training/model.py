@@ -61,12 +61,18 @@ class Classifier(nn.Module):
     Pooling, as each backbone was published: ``cls+mean`` = concat(CLS token, mean of patch tokens), with prefix
     tokens (CLS and registers) excluded from the mean; ``cls`` = the CLS token; ``avg`` = global average of a CNN's
     last feature map.
+
+    With ``standardize``, each image's channels are brought to mean 0 and standard deviation 1 before the
+    backbone (a Reinhard-style normalization in RGB): what differs between scanners and labs as a global gain and
+    offset per channel never reaches the network. For models trained from scratch; a pretrained backbone expects
+    its own normalization.
     """
 
-    def __init__(self, backbone: nn.Module, pooling: Pooling):
+    def __init__(self, backbone: nn.Module, pooling: Pooling, standardize: bool = False):
         super().__init__()
         self.backbone = backbone
         self.pooling = pooling
+        self.standardize = standardize
         self.num_prefix_tokens = int(getattr(backbone, "num_prefix_tokens", 0))
         dim = backbone.num_features * (2 if pooling == "cls+mean" else 1)
         # not "head": peft matches modules_to_save by name suffix, and timm backbones have a `head` of their own
@@ -77,6 +83,9 @@ class Classifier(nn.Module):
         return self.atypia_head.in_features
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.standardize:
+            mean = x.mean(dim=(2, 3), keepdim=True)
+            x = (x - mean) / (x - mean).square().mean(dim=(2, 3), keepdim=True).add(1e-4).sqrt()
         features = self.backbone.forward_features(x)
         if self.pooling == "avg":  # the CNN's own head up to its classifier: pooling (and a final norm, if any)
             return self.backbone.forward_head(features, pre_logits=True)
@@ -88,8 +97,9 @@ class Classifier(nn.Module):
         return self.atypia_head(self.embed(x)).squeeze(-1)
 
 
-def build_classifier(backbone: str, weights: str | None = None, head_seed: int = 0) -> Classifier:
-    model = Classifier(create_backbone(backbone, weights), backbone_spec(backbone).pooling)
+def build_classifier(backbone: str, weights: str | None = None, head_seed: int = 0,
+                     standardize: bool = False) -> Classifier:  # fmt: skip
+    model = Classifier(create_backbone(backbone, weights), backbone_spec(backbone).pooling, standardize)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(head_seed)
         model.atypia_head.reset_parameters()
@@ -110,7 +120,7 @@ def mean_over_views(probs: torch.Tensor, views: int) -> torch.Tensor:
 
 def classifier_for(cfg: TrainConfig, head_seed: int = 0) -> Classifier:
     """The untrained classifier a run's config describes (its weights come from the fold's files)."""
-    return build_classifier(cfg.backbone, cfg.weights, head_seed)
+    return build_classifier(cfg.backbone, cfg.weights, head_seed, standardize=cfg.standardize_input)
 
 
 class Ensemble(nn.Module):

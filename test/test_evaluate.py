@@ -94,3 +94,20 @@ def test_a_threshold_replaces_the_pred_column(predictions_csv):
     lines = path.read_text().splitlines()
     path.write_text("\n".join(",".join(c for i, c in enumerate(r.split(",")) if i != 3) for r in lines) + "\n")
     assert scored(0.45) == from_threshold  # no pred column needed
+
+
+def test_another_probability_column_is_scored_by_name(predictions_csv, tmp_path):
+    path, label, prob, _, _ = predictions_csv
+    lines = path.read_text().splitlines()
+    other = 1 - prob  # a column that ranks the figures the other way round
+    rows = [lines[0].replace("prob_atypical,", "prob_atypical_no_tta,")]
+    for line, o in zip(lines[1:], other, strict=True):
+        cells = line.split(",")
+        rows.append(",".join([*cells[:2], repr(float(o)), *cells[3:]]))
+    renamed = tmp_path / "renamed.csv"
+    renamed.write_text("\n".join(rows) + "\n")
+    result = evaluate(read_predictions(renamed, 0.5, column="prob_atypical_no_tta"))
+    assert abs(result["roc_auc"] - roc_auc_score(label, other)) < 1e-9
+    assert abs(result["balanced_accuracy"] - balanced_accuracy_score(label, other >= 0.5)) < 1e-9
+    with pytest.raises(ValueError, match="missing columns"):
+        read_predictions(renamed, 0.5)  # the default column is not there

@@ -64,7 +64,7 @@ def _predict(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from training.evaluate import evaluate_file
 
-    evaluate_file(args.predictions, args.json, args.threshold)
+    evaluate_file(args.predictions, args.json, args.threshold, args.column)
 
 
 def _experiment(args: argparse.Namespace) -> None:
@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", type=Path, required=True, help="image_id, label, prob_atypical, pred, domain")
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--threshold", type=float, help="classes from prob_atypical >= this instead of a pred column")
+    p.add_argument("--column", default="prob_atypical",
+                   help="the probability column to score (prob_atypical_no_tta: a tta run without it)")  # fmt: skip
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("experiment", help="train, measure and report a grid of runs (training/configs/experiments)")

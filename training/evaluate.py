@@ -32,12 +32,15 @@ BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0
 
 
-def read_predictions(path: Path, threshold: float | None = None) -> dict[str, np.ndarray]:
+def read_predictions(path: Path, threshold: float | None = None,
+                     column: str = "prob_atypical") -> dict[str, np.ndarray]:  # fmt: skip
     """The predictions file; with ``threshold``, classes come from ``prob_atypical >= threshold`` instead of a
-    ``pred`` column (a run's ``oof.csv`` with its ``summary.json`` threshold)."""
+    ``pred`` column (a run's ``oof.csv`` with its ``summary.json`` threshold). ``column`` names another
+    probability column to score (``prob_atypical_no_tta`` of a run trained with tta)."""
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
-        wanted = [c for c in PREDICTION_COLUMNS if not (c == "pred" and threshold is not None)]
+        wanted = [column if c == "prob_atypical" else c for c in PREDICTION_COLUMNS]
+        wanted = [c for c in wanted if not (c == "pred" and threshold is not None)]
         missing = [c for c in wanted if c not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(f"{path}: missing columns {missing} (want {', '.join(PREDICTION_COLUMNS)})")
@@ -45,14 +48,14 @@ def read_predictions(path: Path, threshold: float | None = None) -> dict[str, np
     if not rows:
         raise ValueError(f"{path}: no predictions")
     if threshold is not None:
-        rows = [{**r, "pred": str(int(float(r["prob_atypical"]) >= threshold))} for r in rows]
+        rows = [{**r, "pred": str(int(float(r[column]) >= threshold))} for r in rows]
     bad = [f"row {i + 2}" for i, r in enumerate(rows) if r["label"] not in ("0", "1") or r["pred"] not in ("0", "1")]
     if bad:
         raise ValueError(f"{path}: label and pred must be 0 or 1 ({', '.join(bad[:5])})")
     return {
         "label": np.array([int(r["label"]) for r in rows]),
         "pred": np.array([int(r["pred"]) for r in rows]),
-        "prob": np.array([float(r["prob_atypical"]) for r in rows]),
+        "prob": np.array([float(r[column]) for r in rows]),
         "domain": np.array([r["domain"] for r in rows]),
     }
 
@@ -114,8 +117,9 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluate_file(path: Path, json_out: Path | None = None, threshold: float | None = None) -> dict:
-    result = evaluate(read_predictions(path, threshold))
+def evaluate_file(path: Path, json_out: Path | None = None, threshold: float | None = None,
+                  column: str = "prob_atypical") -> dict:  # fmt: skip
+    result = evaluate(read_predictions(path, threshold, column))
     print(table(result))  # the report is this command's output
     if json_out is not None:
         json_out.write_text(json.dumps(_nan_as_null(result), indent=1, allow_nan=False) + "\n")

@@ -101,14 +101,16 @@ def test_standardized_input_ignores_a_gain_and_offset_per_channel():
     from training.config import TrainConfig
     from training.model import classifier_for
 
+    torch.manual_seed(0)  # the backbones' random initialization
     cfg = TrainConfig(backbone="efficientnetv2-b0-scratch", mode="full", standardize_input=True)
     clf = classifier_for(cfg, head_seed=1).eval()
     plain = build_classifier("efficientnetv2-b0-scratch", head_seed=1).eval()
     x = torch.randn(3, 3, 128, 128)
     shifted = x * torch.tensor([0.6, 1.3, 0.9]).view(1, 3, 1, 1) + torch.tensor([0.4, -0.2, 0.1]).view(1, 3, 1, 1)
     with torch.no_grad():
-        torch.testing.assert_close(clf(shifted), clf(x), atol=1e-4, rtol=1e-4)
-        assert not torch.allclose(plain(shifted), plain(x), atol=1e-3)
+        # an untrained network's logits are small (~1e-3): compare at a scale well below them
+        torch.testing.assert_close(clf(shifted), clf(x), atol=1e-6, rtol=1e-3)
+        assert (plain(shifted) - plain(x)).abs().max() > 1e-4
 
 
 def test_embedding_is_cls_plus_mean_of_patch_tokens():

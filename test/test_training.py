@@ -158,7 +158,7 @@ def test_d4_views_are_the_eight_symmetries_of_the_square():
     from training.model import d4_views, mean_over_views
 
     x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
-    views = torch.stack(d4_views(x))
+    views = torch.stack(d4_views(x, h=2, w=3))
     expected = [torch.rot90(img, k, dims=(2, 3)) for img in (x, x.flip(3)) for k in range(4)]
     assert sorted(v.flatten().tolist() for v in views) == sorted(e.flatten().tolist() for e in expected)
     assert len({tuple(v.flatten().tolist()) for v in views}) == 8 and torch.equal(views[0], x)

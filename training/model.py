@@ -106,11 +106,24 @@ def build_classifier(backbone: str, weights: str | None = None, head_seed: int =
     return model
 
 
-def d4_views(x: torch.Tensor, h: int = 2, w: int = 3) -> list[torch.Tensor]:
+def d4_views(x: torch.Tensor, *, h: int, w: int) -> list[torch.Tensor]:
     """The 8 flips and quarter turns (the dihedral group D4) of images with spatial dims ``h`` and ``w``: the four
     flips of ``x``, then the four of its transpose (every quarter turn is a transpose and a flip)."""
     t = x.transpose(h, w)
     return [v for y in (x, t) for v in (y, y.flip(w), y.flip(h), y.flip((h, w)))]
+
+
+def model_input(preprocess: Preprocess, pixels: torch.Tensor, tta: bool) -> torch.Tensor:
+    """uint8 pages [N, H, W, 3] -> backbone input; with ``tta``, their 8 D4 views, view-major [8N, 3, S, S].
+
+    The pages are turned before the resize, as uint8 NHWC: a page need not be square, so the upright and the
+    transposed views are resized apart. (Turning the resized tensor instead exports a Transpose that ONNX
+    Runtime's layout optimizer pushes into the bicubic Resize, which it then cannot run.) Validation and the
+    exported graph both come through here."""
+    if not tta:
+        return preprocess(pixels)
+    views = d4_views(pixels, h=1, w=2)
+    return torch.cat([preprocess(torch.cat(views[:4])), preprocess(torch.cat(views[4:]))])
 
 
 def mean_over_views(probs: torch.Tensor, views: int) -> torch.Tensor:
@@ -138,13 +151,6 @@ class Ensemble(nn.Module):
         self.tta = tta
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self.tta:
-            # the pages are turned before the resize, as uint8 NHWC: a page need not be square, so the upright
-            # and the transposed views are resized apart. (Turning the resized tensor instead exports a Transpose
-            # that ONNX Runtime's layout optimizer pushes into the bicubic Resize, which it then cannot run.)
-            views = d4_views(pixels, h=1, w=2)
-            x = torch.cat([self.preprocess(torch.cat(views[:4])), self.preprocess(torch.cat(views[4:]))])
-        else:
-            x = self.preprocess(pixels)
+        x = model_input(self.preprocess, pixels, self.tta)
         probs = torch.stack([torch.sigmoid(fold(x)) for fold in self.folds]).mean(dim=0)
         return mean_over_views(probs, 8 if self.tta else 1)

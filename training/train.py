@@ -51,7 +51,7 @@ from training.adapt import (
 from training.config import TrainConfig, load_config, save_config
 from training.data import Figure, decode_figures, read_datasets
 from training.metrics import choose_threshold, summarize
-from training.model import Preprocess, classifier_for, d4_views, mean_over_views
+from training.model import Preprocess, classifier_for, mean_over_views, model_input
 from training.splits import load_or_create_splits, training_subset
 
 log = logging.getLogger(__name__)
@@ -177,9 +177,8 @@ def predict_probs(model, preprocess, pixels: np.ndarray, batch_size: int, device
     model.eval()
     probs = []
     for start in range(0, len(pixels), batch_size):
-        x = preprocess(torch.from_numpy(pixels[start : start + batch_size]).to(device))
-        views = torch.cat(d4_views(x)) if tta else x
-        p = torch.sigmoid(model(network_input(views)).float())
+        x = model_input(preprocess, torch.from_numpy(pixels[start : start + batch_size]).to(device), tta)
+        p = torch.sigmoid(model(network_input(x)).float())
         probs.append(mean_over_views(p, 8 if tta else 1).cpu().numpy())
     return np.concatenate(probs)
 

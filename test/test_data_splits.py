@@ -229,3 +229,13 @@ def test_unknown_folder_names_the_tables_it_looked_for(tmp_path):
 
     with pytest.raises(DataError, match=r"AMI-BR\.csv"):
         read_dataset(tmp_path)
+
+
+def test_held_out_scanners_match_any_spelling_and_a_typo_is_named(breast_subset):
+    from training.data import on_scanners
+
+    held_out = on_scanners(breast_subset, ["Hammamatsu XR"])  # the real CSV's spelling
+    assert sum(held_out) == 451
+    assert {f.scanner for f, out in zip(breast_subset, held_out, strict=True) if out} == {"Hamamatsu XR"}
+    with pytest.raises(DataError, match=r"Aperio GT450.*the data has: Aperio CS2, Hamamatsu S360, Hamamatsu XR"):
+        on_scanners(breast_subset, ["Aperio GT450"])

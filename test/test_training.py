@@ -10,6 +10,7 @@ from conftest import DEMO_CONFIG
 
 import training.train as train_module
 from training.config import load_config
+from training.data import read_midog25
 from training.export import export_run
 from training.synthetic import write_midog25
 from training.train import augment_color, augment_d4, augment_stain, train_run
@@ -52,6 +53,26 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(small_dat
         log_a = (tmp_path / "uninterrupted" / f"fold_{k}" / "log.csv").read_text().splitlines()
         log_b = (tmp_path / "killed" / f"fold_{k}" / "log.csv").read_text().splitlines()
         assert [r.split(",")[:2] for r in log_a] == [r.split(",")[:2] for r in log_b]  # epochs and losses
+
+
+def test_a_held_out_scanner_is_in_no_fold_and_its_figures_alone_are_scored_later(small_data, tmp_path):
+    from training.cli import main
+
+    run, model, preds = tmp_path / "run", tmp_path / "model", tmp_path / "preds.csv"
+    args = ["--config", str(DEMO_CONFIG), "--data-root", str(small_data), "--output", str(run), "--epochs", "1"]
+    assert main(["train", *args, "--hold-out-scanner", "Aperio CS2"]) == 0
+    assert load_config(run / "config.yaml").hold_out_scanners == ["Aperio CS2"]
+    scanner_of = {f.image_id: f.scanner for f in read_midog25(small_data)}
+    trained_on = [i for ids in json.loads((run / "splits.json").read_text())["val_ids"] for i in ids]
+    assert {r["image_id"] for r in read_oof(run)} == set(trained_on)
+    assert {scanner_of[i] for i in trained_on} == {"Hamamatsu XR", "Hamamatsu S360"}
+    assert main(["export", str(run), "--output", str(model)]) == 0
+    assert main(["predict", str(model), "--data-root", str(small_data), "--output", str(preds), "--device", "cpu",
+                 "--scanner", "Aperio CS2"]) == 0  # fmt: skip
+    with preds.open() as f:
+        scored = list(csv.DictReader(f))
+    assert {r["image_id"] for r in scored} == {i for i, s in scanner_of.items() if s == "Aperio CS2"}
+    assert {r["domain"] for r in scored} == {"Aperio CS2"}
 
 
 UNAUGMENTED = {"augment": False, "stain_jitter": 0.0}

@@ -44,7 +44,10 @@ def _train(args: argparse.Namespace) -> None:
     from training.config import load_config
     from training.train import train_run
 
-    cfg = load_config(args.config, {"epochs": args.epochs} if args.epochs else None)
+    overrides = {"epochs": args.epochs} if args.epochs else {}
+    if args.hold_out_scanner:
+        overrides["hold_out_scanners"] = args.hold_out_scanner
+    cfg = load_config(args.config, overrides)
     folds = [args.fold] if args.fold is not None else None
     train_run(cfg, args.data_root, args.output, folds=folds, cache_dir=args.cache_dir)
 
@@ -58,7 +61,9 @@ def _export(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> None:
     from training.predict import predict_folder
 
-    predict_folder(args.model_dir, args.data_root, args.output, device=args.device, precision=args.precision)
+    predict_folder(
+        args.model_dir, args.data_root, args.output, device=args.device, precision=args.precision, scanners=args.scanner
+    )
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -126,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, help="keep the decoded patches here between runs")
     p.add_argument("--fold", type=int, help="train only this fold (folds as independent jobs)")
     p.add_argument("--epochs", type=int, help="override the config's epochs")
+    p.add_argument("--hold-out-scanner", action="append", metavar="SCANNER",
+                   help="leave its figures out of every fold (repeat for more): test on it later")  # fmt: skip
     p.set_defaults(func=_train)
 
     p = sub.add_parser("export", help="merge each fold's adapter and export one ONNX ensemble + manifest")
@@ -141,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"),
                    help="another graph of the model folder than the one served on the device")  # fmt: skip
+    p.add_argument("--scanner", action="append", help="score only this scanner's figures (repeat for more)")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("evaluate", help="the challenge's figures for a predictions CSV, pooled and per domain")

@@ -63,6 +63,9 @@ class TrainConfig(_Strict):
     standardize_input: bool = Field(False, description="each image's channels to mean 0, std 1 before the backbone")
     eval_batch_size: int = Field(64, ge=1)
     grad_checkpointing: bool = Field(False, description="on CUDA: recompute activations, trading time for memory")
+    hold_out_scanners: list[str] = Field(
+        [], description="figures of these scanners are left out of every fold: a later test on scanners never seen"
+    )
     threshold: Literal["pooled", "domain-balanced"] = Field(
         "pooled", description="maximize BA over pooled out-of-fold figures, or its mean over scanner domains"
     )

@@ -224,6 +224,17 @@ def read_datasets(roots: list[Path]) -> list[Figure]:
     return merge_datasets([read_dataset(root) for root in roots])
 
 
+def on_scanners(figures: list[Figure], scanners: list[str]) -> list[bool]:
+    """Which figures come from the named scanners (any spelling the CSVs use); a name no figure has is an error,
+    so a typo cannot silently hold out nothing."""
+    wanted = {normalize_scanner(s) for s in scanners}
+    missing = wanted - {f.scanner for f in figures}
+    if missing:
+        known = ", ".join(sorted({f.scanner for f in figures}))
+        raise DataError(f"no figures from scanner(s) {', '.join(sorted(missing))} (the data has: {known})")
+    return [f.scanner in wanted for f in figures]
+
+
 def merge_datasets(tables: list[list[Figure]]) -> list[Figure]:
     """One table; AMi-Br's MIDOG21 figures that MIDOG25 already holds (same slide and coordinates) are dropped."""
     midog25: dict[str, list[tuple[int, int]]] = {}

@@ -49,7 +49,7 @@ from training.adapt import (
     set_train_mode,
 )
 from training.config import TrainConfig, load_config, save_config
-from training.data import Figure, decode_figures, read_datasets
+from training.data import Figure, decode_figures, on_scanners, read_datasets
 from training.metrics import choose_threshold, summarize
 from training.model import Preprocess, classifier_for, mean_over_views, model_input
 from training.splits import load_or_create_splits, training_subset
@@ -483,6 +483,9 @@ def train_run(
     if config_path.is_file() and load_config(config_path) != cfg:
         raise ValueError(f"{config_path} holds a different config: use a new run folder (or the same config)")
     figures = read_datasets(data_roots)
+    if cfg.hold_out_scanners:
+        figures = [f for f, out in zip(figures, on_scanners(figures, cfg.hold_out_scanners), strict=True) if not out]
+        log.info("holding out scanner(s) %s: training on %d figures", ", ".join(cfg.hold_out_scanners), len(figures))
     if workers.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, config_path)

@@ -113,6 +113,25 @@ def test_standardized_input_ignores_a_gain_and_offset_per_channel():
         assert (plain(shifted) - plain(x)).abs().max() > 1e-4
 
 
+def test_equalized_detail_gives_soft_and_sharp_images_one_detail_level():
+    """Blurred or unsharp-masked, an image reaches the backbone with its detail band at DETAIL_RMS, its blur kept."""
+    from training.config import TrainConfig
+    from training.model import DETAIL_RMS, binomial_blur, detail_rms, equalize_detail, standardize_channels
+
+    x = standardize_channels(binomial_blur(torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))))
+    versions = [x + k * (x - binomial_blur(x)) for k in (-0.6, 0.0, 1.5)]  # soft, as is, sharp
+    before = torch.stack([detail_rms(v) for v in versions])
+    assert before.max() > 2.5 * before.min()
+    for v in versions:
+        smooth = binomial_blur(v)
+        detail_in, detail_out = v - smooth, equalize_detail(v) - smooth  # the blur passes unchanged ...
+        rms = detail_out.square().mean(dim=(1, 2, 3)).sqrt()
+        torch.testing.assert_close(rms, torch.full((2,), DETAIL_RMS), rtol=0.02, atol=0)  # ... the detail rescaled
+        assert torch.cosine_similarity(detail_out.flatten(1), detail_in.flatten(1)).min() > 0.9999
+    with pytest.raises(ValueError, match="set standardize_input true"):
+        TrainConfig(backbone="efficientnetv2-b0-scratch", mode="full", standardize_detail=True)
+
+
 def test_embedding_is_cls_plus_mean_of_patch_tokens():
     clf = build_classifier("tiny-virchow").eval()
     x = torch.randn(2, 3, 112, 112)

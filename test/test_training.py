@@ -151,7 +151,7 @@ def test_d4_test_time_augmentation_from_training_to_the_served_graph(small_data,
     from training.model import Preprocess
     from training.train import predict_probs
 
-    cfg = load_config(DEMO_CONFIG, {"epochs": 1, "tta": True})
+    cfg = load_config(DEMO_CONFIG, {"epochs": 1, "tta": True, "standardize_input": True, "standardize_detail": True})
     summary = train_run(cfg, [small_data], tmp_path / "run")
     assert summary["oof_no_tta"]["n"] == summary["oof"]["n"] == 90
     rows = list(csv.DictReader((tmp_path / "run" / "fold_1" / "val.csv").open()))
@@ -212,7 +212,8 @@ def test_shift_scale_and_blur():
 
 
 def test_sharpness_jitter_spans_blurring_to_sharpening():
-    from training.train import _binomial_blur, augment_sharpness
+    from training.model import binomial_blur
+    from training.train import augment_sharpness
 
     batch = torch.randint(40, 216, (64, 32, 32, 3), dtype=torch.uint8)
     torch.testing.assert_close(augment_sharpness(batch, 0.0, torch.Generator().manual_seed(0)), batch.float())
@@ -226,7 +227,7 @@ def test_sharpness_jitter_spans_blurring_to_sharpening():
     assert ratio.min() < 0.6 and ratio.max() > 1.4  # some images blurred, some sharpened
     k = (torch.rand(64, 1, 1, 1, generator=torch.Generator().manual_seed(0)) * 2 - 1)[:1]
     x = batch[:1].float().permute(0, 3, 1, 2)
-    expected = (x + k * (x - _binomial_blur(x))).permute(0, 2, 3, 1).clamp(0, 255)
+    expected = (x + k * (x - binomial_blur(x))).permute(0, 2, 3, 1).clamp(0, 255)
     torch.testing.assert_close(out[:1], expected)  # the first image, with the first draw of k
 
 

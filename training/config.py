@@ -61,6 +61,9 @@ class TrainConfig(_Strict):
         "average the 8 flips and quarter turns",
     )
     standardize_input: bool = Field(False, description="each image's channels to mean 0, std 1 before the backbone")
+    standardize_detail: bool = Field(
+        False, description="and each image's detail band (image minus its blur) to one RMS: sharpness differences"
+    )
     eval_batch_size: int = Field(64, ge=1)
     grad_checkpointing: bool = Field(False, description="on CUDA: recompute activations, trading time for memory")
     hold_out_scanners: list[str] = Field(
@@ -77,6 +80,13 @@ class TrainConfig(_Strict):
         if self.mode == "linear" and (augmented or self.tta):
             raise ValueError("mode linear embeds each figure once: set augment and tta false and stain_jitter, "
                              "color_jitter, sharpness_jitter, shift_scale, blur 0")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
+    def _detail_after_channels(self) -> TrainConfig:
+        if self.standardize_detail and not self.standardize_input:
+            raise ValueError("standardize_detail scales the detail of channel-standardized images: "
+                             "set standardize_input true")  # fmt: skip
         return self
 
     @model_validator(mode="after")

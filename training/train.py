@@ -51,7 +51,7 @@ from training.adapt import (
 from training.config import TrainConfig, load_config, save_config
 from training.data import Figure, decode_figures, on_scanners, read_datasets
 from training.metrics import choose_threshold, summarize
-from training.model import Preprocess, classifier_for, mean_over_views, model_input
+from training.model import Preprocess, binomial_blur, classifier_for, mean_over_views, model_input
 from training.splits import load_or_create_splits, training_subset
 
 log = logging.getLogger(__name__)
@@ -102,15 +102,6 @@ def augment_color(batch: torch.Tensor, strength: float, generator: torch.Generat
     return x.clamp(0, 255)
 
 
-BINOMIAL_5 = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16  # a Gaussian of sigma ~1 px, normalized
-
-
-def _binomial_blur(x: torch.Tensor) -> torch.Tensor:
-    """float [N, C, H, W] smoothed by the 5x5 binomial kernel, borders reflected."""
-    kernel = (BINOMIAL_5[:, None] * BINOMIAL_5[None, :]).expand(x.shape[1], 1, 5, 5)
-    return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), kernel, groups=x.shape[1])
-
-
 def augment_geometry_blur(batch: torch.Tensor, shift_scale: float, blur: float, generator: torch.Generator):
     """Small random shift and zoom (the figure is not always centred), and a mild blur with probability ``blur``.
 
@@ -130,7 +121,7 @@ def augment_geometry_blur(batch: torch.Tensor, shift_scale: float, blur: float, 
         blurred = x.clone()
         chosen = torch.rand(n, generator=generator) < blur
         if chosen.any():
-            blurred[chosen] = _binomial_blur(x[chosen])
+            blurred[chosen] = binomial_blur(x[chosen])
         x = blurred
     return x.permute(0, 2, 3, 1).clamp(0, 255)
 
@@ -142,7 +133,7 @@ def augment_sharpness(batch: torch.Tensor, strength: float, generator: torch.Gen
     [N, H, W, 3] in, float [N, H, W, 3] in [0, 255] out."""
     x = batch.float().permute(0, 3, 1, 2)
     k = (torch.rand(len(x), 1, 1, 1, generator=generator) * 2 - 1) * strength
-    x = x + k * (x - _binomial_blur(x))
+    x = x + k * (x - binomial_blur(x))
     return x.permute(0, 2, 3, 1).clamp(0, 255)
 
 

@@ -241,3 +241,5 @@ def test_held_out_scanners_match_any_spelling_and_a_typo_is_named(breast_subset)
     assert {f.scanner for f, out in zip(breast_subset, held_out, strict=True) if out} == {"Hamamatsu XR"}
     with pytest.raises(DataError, match=r"Aperio GT450.*the data has: Aperio CS2, Hamamatsu S360, Hamamatsu XR"):
         on_scanners(breast_subset, ["Aperio GT450"])
+    spelled = TrainConfig(hold_out_scanners=["Hammamatsu XR", "Hamamatsu XR"]).hold_out_scanners
+    assert spelled == ["Hamamatsu XR"]  # one spelling in the run's config, so a resumed command matches either

@@ -78,7 +78,10 @@ def test_a_held_out_scanner_is_in_no_fold_and_its_figures_alone_are_scored_later
 UNAUGMENTED = {"augment": False, "stain_jitter": 0.0}
 
 
-@pytest.mark.parametrize(("mode", "options"), [("full", {}), ("linear", UNAUGMENTED)])
+STANDARDIZED = {"standardize_input": True, "standardize_detail": True}
+
+
+@pytest.mark.parametrize(("mode", "options"), [("full", STANDARDIZED), ("linear", UNAUGMENTED)])
 def test_other_modes_train_and_export(small_data, tmp_path, mode, options):
     cfg = load_config(DEMO_CONFIG, {"epochs": 1, "mode": mode, **options})
     summary = train_run(cfg, [small_data], tmp_path / "run")
@@ -151,7 +154,7 @@ def test_d4_test_time_augmentation_from_training_to_the_served_graph(small_data,
     from training.model import Preprocess
     from training.train import predict_probs
 
-    cfg = load_config(DEMO_CONFIG, {"epochs": 1, "tta": True, "standardize_input": True, "standardize_detail": True})
+    cfg = load_config(DEMO_CONFIG, {"epochs": 1, "tta": True})
     summary = train_run(cfg, [small_data], tmp_path / "run")
     assert summary["oof_no_tta"]["n"] == summary["oof"]["n"] == 90
     rows = list(csv.DictReader((tmp_path / "run" / "fold_1" / "val.csv").open()))

@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold", type=int, help="train only this fold (folds as independent jobs)")
     p.add_argument("--epochs", type=int, help="override the config's epochs")
     p.add_argument("--hold-out-scanner", action="append", metavar="SCANNER",
-                   help="leave its figures out of every fold (repeat for more): test on it later")  # fmt: skip
+                   help="leave its figures out of every fold (repeat for more; replaces the config's "
+                        "hold_out_scanners): test on it later")  # fmt: skip
     p.set_defaults(func=_train)
 
     p = sub.add_parser("export", help="merge each fold's adapter and export one ONNX ensemble + manifest")
@@ -148,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"),
                    help="another graph of the model folder than the one served on the device")  # fmt: skip
-    p.add_argument("--scanner", action="append", help="score only this scanner's figures (repeat for more)")
+    p.add_argument("--scanner", action="append", metavar="SCANNER",
+                   help="score only this scanner's figures (repeat for more)")  # fmt: skip
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("evaluate", help="the challenge's figures for a predictions CSV, pooled and per domain")

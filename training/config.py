@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from training.data import normalize_scanner
 
 # peft matches this against full module names: only the attention projections of the transformer blocks.
 # A bare "proj" would also catch patch_embed.proj, the patch-embedding convolution.
@@ -72,6 +74,11 @@ class TrainConfig(_Strict):
     threshold: Literal["pooled", "domain-balanced"] = Field(
         "pooled", description="maximize BA over pooled out-of-fold figures, or its mean over scanner domains"
     )
+
+    @field_validator("hold_out_scanners")
+    @classmethod
+    def _one_spelling_per_scanner(cls, scanners: list[str]) -> list[str]:
+        return sorted({normalize_scanner(s) for s in scanners})
 
     @model_validator(mode="after")
     def _linear_probe_is_unaugmented(self) -> TrainConfig:

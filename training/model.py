@@ -79,9 +79,23 @@ def detail_rms(x: torch.Tensor) -> torch.Tensor:
 
 
 def equalize_detail(x: torch.Tensor) -> torch.Tensor:
-    """float [N, C, H, W]: each image's detail band scaled to the RMS ``DETAIL_RMS``, its blur kept as it is."""
+    """float [N, C, H, W] -> ``blur(x) + s * (x - blur(x))``, with each image's ``s >= 0`` chosen so that the
+    result's own detail RMS (``detail_rms``) is exactly ``DETAIL_RMS``.
+
+    Scaling the detail by ``DETAIL_RMS / detail_rms(x)`` would not do: the blur is not a projection, so the
+    result's detail band also holds the blurred part's residue ``a = smooth - blur(smooth)``. With the detail's
+    own residue ``b = (x - smooth) - a`` (the blur is linear), the result's band is ``a + s b``, and
+    ``mean((a + s b)^2) = DETAIL_RMS^2`` is a quadratic in ``s``: its larger root. (Where even ``s = 0`` leaves
+    more than ``DETAIL_RMS``, as for noise, ``s`` is 0; every figure of the breast subset reaches it exactly.)
+    """
     smooth = binomial_blur(x)
-    return smooth + (x - smooth) * (DETAIL_RMS / detail_rms(x).add(1e-3)).view(-1, 1, 1, 1)
+    a = smooth - binomial_blur(smooth)
+    b = x - smooth - a
+    dims = (1, 2, 3)
+    bb, ab = b.square().mean(dims), (a * b).mean(dims)
+    aa_minus_target = a.square().mean(dims) - DETAIL_RMS**2
+    s = (ab.square() - bb * aa_minus_target).clamp_min(0).sqrt().sub(ab).div(bb.add(1e-8)).clamp_min(0)
+    return smooth + (x - smooth) * s.view(-1, 1, 1, 1)
 
 
 class Classifier(nn.Module):
@@ -118,11 +132,19 @@ class Classifier(nn.Module):
     def embedding_dim(self) -> int:
         return self.atypia_head.in_features
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
+    def _standardized(self, x: torch.Tensor) -> torch.Tensor:
         if self.standardize:
             x = standardize_channels(x)
         if self.standardize_detail:
             x = equalize_detail(x)
+        return x
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):  # image statistics in fp32, also under bf16 training
+            with torch.autocast(x.device.type, enabled=False):
+                x = self._standardized(x.float())
+        else:
+            x = self._standardized(x)
         features = self.backbone.forward_features(x)
         if self.pooling == "avg":  # the CNN's own head up to its classifier: pooling (and a final norm, if any)
             return self.backbone.forward_head(features, pre_logits=True)

@@ -60,8 +60,9 @@ def test_a_held_out_scanner_is_in_no_fold_and_its_figures_alone_are_scored_later
 
     run, model, preds = tmp_path / "run", tmp_path / "model", tmp_path / "preds.csv"
     args = ["--config", str(DEMO_CONFIG), "--data-root", str(small_data), "--output", str(run), "--epochs", "1"]
-    assert main(["train", *args, "--hold-out-scanner", "Aperio CS2"]) == 0
+    assert main(["train", *args, "--hold-out-scanner", "Aperio CS2", "--seed", "7"]) == 0
     assert load_config(run / "config.yaml").hold_out_scanners == ["Aperio CS2"]
+    assert load_config(run / "config.yaml").seed == 7
     scanner_of = {f.image_id: f.scanner for f in read_midog25(small_data)}
     trained_on = [i for ids in json.loads((run / "splits.json").read_text())["val_ids"] for i in ids]
     assert {r["image_id"] for r in read_oof(run)} == set(trained_on)

@@ -44,7 +44,7 @@ def _train(args: argparse.Namespace) -> None:
     from training.config import load_config
     from training.train import train_run
 
-    overrides = {"epochs": args.epochs} if args.epochs else {}
+    overrides = {key: value for key, value in (("epochs", args.epochs), ("seed", args.seed)) if value is not None}
     if args.hold_out_scanner:
         overrides["hold_out_scanners"] = args.hold_out_scanner
     cfg = load_config(args.config, overrides)
@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, help="keep the decoded patches here between runs")
     p.add_argument("--fold", type=int, help="train only this fold (folds as independent jobs)")
     p.add_argument("--epochs", type=int, help="override the config's epochs")
+    p.add_argument("--seed", type=int, help="override the config's seed (run-to-run spread)")
     p.add_argument("--hold-out-scanner", action="append", metavar="SCANNER",
                    help="leave its figures out of every fold (repeat for more; replaces the config's "
                         "hold_out_scanners): test on it later")  # fmt: skip

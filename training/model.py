@@ -89,13 +89,14 @@ def equalize_detail(x: torch.Tensor) -> torch.Tensor:
     more than ``DETAIL_RMS``, as for noise, ``s`` is 0; every figure of the breast subset reaches it exactly.)
     """
     smooth = binomial_blur(x)
+    detail = x - smooth
     a = smooth - binomial_blur(smooth)
-    b = x - smooth - a
+    b = detail - a
     dims = (1, 2, 3)
     bb, ab = b.square().mean(dims), (a * b).mean(dims)
     aa_minus_target = a.square().mean(dims) - DETAIL_RMS**2
     s = (ab.square() - bb * aa_minus_target).clamp_min(0).sqrt().sub(ab).div(bb.add(1e-8)).clamp_min(0)
-    return smooth + (x - smooth) * s.view(-1, 1, 1, 1)
+    return smooth + detail * s.view(-1, 1, 1, 1)
 
 
 class Classifier(nn.Module):

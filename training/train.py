@@ -472,15 +472,16 @@ def train_run(
     workers = join_workers()
     config_path = run_dir / "config.yaml"
     if config_path.is_file() and (saved := load_config(config_path)) != cfg:
-        differ = ", ".join(k for k, v in cfg.model_dump().items() if saved.model_dump()[k] != v)
+        before = saved.model_dump()
+        differ = ", ".join(k for k, v in cfg.model_dump().items() if before[k] != v)
         raise ValueError(f"{config_path} holds a different config ({differ}): use a new run folder or the same "
                          "config and options")  # fmt: skip
     figures = read_datasets(data_roots)
     if cfg.hold_out_scanners:
         figures = [f for f, out in zip(figures, on_scanners(figures, cfg.hold_out_scanners), strict=True) if not out]
-        if workers.is_main:
-            log.info("holding out %s: training on %d figures", ", ".join(cfg.hold_out_scanners), len(figures))
     if workers.is_main:
+        if cfg.hold_out_scanners:
+            log.info("holding out %s: training on %d figures", ", ".join(cfg.hold_out_scanners), len(figures))
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, config_path)
         if not (run_dir / PROVENANCE).is_file():  # a resumed run keeps the record of its start

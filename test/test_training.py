@@ -235,6 +235,27 @@ def test_sharpness_jitter_spans_blurring_to_sharpening():
     torch.testing.assert_close(out[:1], expected)  # the first image, with the first draw of k
 
 
+def test_mixup_blends_figures_and_targets_alike_and_keeps_each_figure_dominant():
+    from training.train import mixup
+
+    n = 64  # figure i is bright at pixel i only: its blend shows its own weight and its partner
+    idx = torch.arange(n)
+    batch = torch.zeros(n, 1, n, 3, dtype=torch.uint8)
+    batch[idx, 0, idx] = 200
+    targets = (idx % 4 == 0).float()
+    mixed, mixed_targets = mixup(batch, targets, 0.4, torch.Generator().manual_seed(0))
+    again, _ = mixup(batch, targets, 0.4, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(mixed, again)  # drawn from the run's generator only: a resumed run repeats it
+    own = mixed[idx, 0, idx, 0] / 200
+    blended = own < 1  # a figure drawn as its own partner stays whole
+    others = mixed[:, 0, :, 0] * (idx[None, :] != idx[:, None])
+    partner = torch.where(blended, others.argmax(1), idx)
+    assert (own >= 0.5).all() and blended.sum() > n / 2  # the figure itself carries at least half
+    torch.testing.assert_close(others.sum(1) / 200, torch.where(blended, 1 - own, 0.0))  # one partner, the rest
+    torch.testing.assert_close(mixed_targets, own * targets + (1 - own) * targets[partner])
+    assert len(set(partner[blended].tolist())) == int(blended.sum())  # partners from a permutation
+
+
 def test_losses():
     from training.train import classification_loss
 
@@ -251,7 +272,7 @@ def test_losses():
 def test_every_training_option_together(small_data, tmp_path):
     options = {"epochs": 2, "loss": "focal", "soft_labels": True, "shift_scale": 0.1, "blur": 0.3,
                "stain_jitter": 0.05, "color_jitter": 0.1, "patience": 1, "threshold": "domain-balanced",
-               "split": "random"}  # fmt: skip
+               "split": "random", "mixup": 0.4, "cpu_bf16": True}  # fmt: skip
     summary = train_run(load_config(DEMO_CONFIG, options), [small_data], tmp_path / "run")
     assert 0 <= summary["threshold"] <= 1
     assert (tmp_path / "run" / "provenance.json").is_file()

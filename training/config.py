@@ -51,6 +51,9 @@ class TrainConfig(_Strict):
     loss: Literal["weighted-bce", "focal"] = Field("weighted-bce", description="both weight atypical figures up")
     focal_gamma: float = Field(2.0, ge=0)
     soft_labels: bool = Field(False, description="targets = fraction of experts voting atypical")
+    mixup: float = Field(
+        0.0, ge=0, description="blend each training figure and its target with another's, weight ~ Beta(a, a); 0 = off"
+    )
     augment: bool = Field(True, description="random flips and quarter turns")
     shift_scale: float = Field(0.0, ge=0, lt=0.5, description="random shift and zoom, as a fraction of the patch")
     blur: float = Field(0.0, ge=0, le=1, description="probability of a mild Gaussian blur (focus differences)")
@@ -67,6 +70,9 @@ class TrainConfig(_Strict):
         False, description="and each image's detail band (image minus its blur) to one RMS: sharpness differences"
     )
     eval_batch_size: int = Field(64, ge=1)
+    cpu_bf16: bool = Field(
+        False, description="bf16 autocast on a CPU too (always on CUDA): faster where the CPU has AMX"
+    )
     grad_checkpointing: bool = Field(False, description="on CUDA: recompute activations, trading time for memory")
     hold_out_scanners: list[str] = Field(
         [], description="figures of these scanners are left out of every fold: a later test on scanners never seen"

@@ -137,6 +137,18 @@ def augment_sharpness(batch: torch.Tensor, strength: float, generator: torch.Gen
     return x.permute(0, 2, 3, 1).clamp(0, 255)
 
 
+def mixup(batch: torch.Tensor, targets: torch.Tensor, alpha: float, generator: torch.Generator):
+    """Blend each figure and its target with a random partner's from the same batch, the figure's own weight
+    ``max(w, 1 - w)`` with ``w ~ Beta(alpha, alpha)``: more figures between the classes, a smoother decision
+    boundary for 1,000-odd training figures. [N, H, W, 3] pixels in, float out; targets [N] in and out."""
+    rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=generator)))  # Beta takes no generator
+    w = torch.from_numpy(rng.beta(alpha, alpha, size=len(batch))).float()
+    w = torch.maximum(w, 1 - w)
+    partner = torch.randperm(len(batch), generator=generator)
+    blended = w.view(-1, 1, 1, 1) * batch.float() + (1 - w.view(-1, 1, 1, 1)) * batch[partner].float()
+    return blended, w * targets + (1 - w) * targets[partner]
+
+
 def classification_loss(logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor, cfg: TrainConfig):
     """Class-weighted BCE, or focal loss (confident examples weighted down) with the same class weight."""
     if cfg.loss == "weighted-bce":
@@ -320,12 +332,15 @@ def train_fold(
                 batch = augment_geometry_blur(batch, cfg.shift_scale, cfg.blur, generator)
             if cfg.sharpness_jitter:
                 batch = augment_sharpness(batch, cfg.sharpness_jitter, generator)
+            targets = torch.from_numpy(train_y[idx])
+            if cfg.mixup:
+                batch, targets = mixup(batch, targets, cfg.mixup, generator)
             share = slice(workers.rank, None, workers.world)
             x = network_input(preprocess(batch[share].to(device)))
-            y = torch.from_numpy(train_y[idx][share]).to(device)
+            y = targets[share].to(device)
             for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
                 group["lr"] = base_lr * _lr_factor(step, total_steps, warmup)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or cfg.cpu_bf16):
                 loss = classification_loss(forward(x).float(), y, pos_weight, cfg)
             # DDP averages gradients over processes; weighting each share by its size makes that the whole
             # batch's mean even when the batch does not split evenly (the factor is exactly 1 for one process)

@@ -82,7 +82,9 @@ UNAUGMENTED = {"augment": False, "stain_jitter": 0.0}
 STANDARDIZED = {"standardize_input": True, "standardize_detail": True}
 
 
-@pytest.mark.parametrize(("mode", "options"), [("full", STANDARDIZED), ("linear", UNAUGMENTED)])
+@pytest.mark.parametrize(
+    ("mode", "options"), [("full", STANDARDIZED), ("linear", UNAUGMENTED), ("linear", {**UNAUGMENTED, "mixup": 0.4})]
+)
 def test_other_modes_train_and_export(small_data, tmp_path, mode, options):
     cfg = load_config(DEMO_CONFIG, {"epochs": 1, "mode": mode, **options})
     summary = train_run(cfg, [small_data], tmp_path / "run")

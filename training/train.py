@@ -140,12 +140,14 @@ def augment_sharpness(batch: torch.Tensor, strength: float, generator: torch.Gen
 def mixup(batch: torch.Tensor, targets: torch.Tensor, alpha: float, generator: torch.Generator):
     """Blend each figure and its target with a random partner's from the same batch, the figure's own weight
     ``max(w, 1 - w)`` with ``w ~ Beta(alpha, alpha)``: more figures between the classes, a smoother decision
-    boundary for 1,000-odd training figures. [N, H, W, 3] pixels in, float out; targets [N] in and out."""
+    boundary for 1,000-odd training figures. Pixels [N, H, W, 3] (or a linear probe's embeddings [N, D]) in,
+    float out; targets [N] in and out."""
     rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=generator)))  # Beta takes no generator
     w = torch.from_numpy(rng.beta(alpha, alpha, size=len(batch))).float()
     w = torch.maximum(w, 1 - w)
     partner = torch.randperm(len(batch), generator=generator)
-    blended = w.view(-1, 1, 1, 1) * batch.float() + (1 - w.view(-1, 1, 1, 1)) * batch[partner].float()
+    w_each = w.view(-1, *[1] * (batch.dim() - 1))
+    blended = w_each * batch.float() + (1 - w_each) * batch[partner].float()
     return blended, w * targets + (1 - w) * targets[partner]
 
 

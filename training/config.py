@@ -70,9 +70,6 @@ class TrainConfig(_Strict):
         False, description="and each image's detail band (image minus its blur) to one RMS: sharpness differences"
     )
     eval_batch_size: int = Field(64, ge=1)
-    cpu_bf16: bool = Field(
-        False, description="bf16 autocast on a CPU too (always on CUDA): faster where the CPU has AMX"
-    )
     grad_checkpointing: bool = Field(False, description="on CUDA: recompute activations, trading time for memory")
     hold_out_scanners: list[str] = Field(
         [], description="figures of these scanners are left out of every fold: a later test on scanners never seen"

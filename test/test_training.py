@@ -82,8 +82,17 @@ UNAUGMENTED = {"augment": False, "stain_jitter": 0.0}
 STANDARDIZED = {"standardize_input": True, "standardize_detail": True}
 
 
+MIXSTYLED_CNN = {"backbone": "efficientnetv2-b0-scratch", "mixstyle": 1.0}
+
+
 @pytest.mark.parametrize(
-    ("mode", "options"), [("full", STANDARDIZED), ("linear", UNAUGMENTED), ("linear", {**UNAUGMENTED, "mixup": 0.4})]
+    ("mode", "options"),
+    [
+        ("full", STANDARDIZED),
+        ("full", MIXSTYLED_CNN),
+        ("linear", UNAUGMENTED),
+        ("linear", {**UNAUGMENTED, "mixup": 0.4}),
+    ],
 )
 def test_other_modes_train_and_export(small_data, tmp_path, mode, options):
     cfg = load_config(DEMO_CONFIG, {"epochs": 1, "mode": mode, **options})
@@ -256,6 +265,48 @@ def test_mixup_blends_figures_and_targets_alike_and_keeps_each_figure_dominant()
     torch.testing.assert_close(others.sum(1) / 200, torch.where(blended, 1 - own, 0.0))  # one partner, the rest
     torch.testing.assert_close(mixed_targets, own * targets + (1 - own) * targets[partner])
     assert len(set(partner[blended].tolist())) == int(blended.sum())  # partners from a permutation
+
+
+def test_mixstyle_swaps_feature_statistics_between_figures_and_keeps_each_figures_pattern():
+    from training.train import mix_feature_styles
+
+    n = 64  # figure i's features: a fixed pattern z_i at mean i and standard deviation 1 + i, in every channel
+    z = torch.randn(n, 4, 6, 6, generator=torch.Generator().manual_seed(0))
+    z = (z - z.mean(dim=(2, 3), keepdim=True)) / z.var(dim=(2, 3), keepdim=True).sqrt()
+    i = torch.arange(n, dtype=torch.float32).view(-1, 1, 1, 1)
+    features = (i + (1 + i) * z).requires_grad_()
+    torch.manual_seed(0)
+    out = mix_feature_styles(features)
+    torch.manual_seed(0)
+    torch.testing.assert_close(mix_feature_styles(features), out)  # torch's generator only: a resume repeats it
+    mean, std = out.mean(dim=(2, 3), keepdim=True), out.var(dim=(2, 3), keepdim=True).sqrt()
+    torch.testing.assert_close((out - mean) / std, z, atol=1e-3, rtol=1e-3)  # the figure itself is kept
+    torch.testing.assert_close(std, 1 + mean, atol=1e-3, rtol=1e-3)  # mean and std blended with one weight
+    moved = (mean.flatten(1) - i.flatten(1)).abs().amax(dim=1) > 0.5
+    assert moved.sum() > n / 2  # most figures take on part of another's statistics
+    assert (mean.flatten(1).std(dim=1) < 1e-4).all()  # ... the same blend in every channel of a figure
+    out.sum().backward()  # the statistics are constants to the gradient, the pattern is not
+    assert features.grad is not None and features.grad.abs().sum() > 0
+
+
+def test_mixstyle_hooks_act_in_training_only():
+    from training.model import build_classifier
+    from training.train import attach_mixstyle
+
+    x = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    plain = build_classifier("efficientnetv2-b0-scratch", head_seed=1)
+    mixing = build_classifier("efficientnetv2-b0-scratch", head_seed=1)
+    mixing.load_state_dict(plain.state_dict())
+    attach_mixstyle(mixing.backbone, 1.0)
+    torch.testing.assert_close(mixing.eval()(x), plain.eval()(x))  # validation and export see no mixing
+    torch.manual_seed(0)
+    mixed = mixing.train()(x)
+    torch.manual_seed(0)
+    assert not torch.allclose(mixed, plain.train()(x), atol=1e-4)
+    with pytest.raises(ValueError, match="mixstyle mixes the statistics of a CNN's feature maps"):
+        load_config(DEMO_CONFIG, {"mixstyle": 0.5})  # the demo's backbone is a transformer
+    with pytest.raises(ValueError, match="mode linear embeds each figure once"):
+        load_config(DEMO_CONFIG, {**UNAUGMENTED, **MIXSTYLED_CNN, "mode": "linear"})
 
 
 def test_losses():

@@ -8,6 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from training.backbones import backbone_spec
 from training.data import normalize_scanner
 
 # peft matches this against full module names: only the attention projections of the transformer blocks.
@@ -54,6 +55,9 @@ class TrainConfig(_Strict):
     mixup: float = Field(
         0.0, ge=0, description="blend each training figure and its target with another's, weight ~ Beta(a, a); 0 = off"
     )
+    mixstyle: float = Field(
+        0.0, ge=0, le=1, description="per batch and stage, the chance that a CNN's first 3 stages mix feature styles"
+    )
     augment: bool = Field(True, description="random flips and quarter turns")
     shift_scale: float = Field(0.0, ge=0, lt=0.5, description="random shift and zoom, as a fraction of the patch")
     blur: float = Field(0.0, ge=0, le=1, description="probability of a mild Gaussian blur (focus differences)")
@@ -86,10 +90,10 @@ class TrainConfig(_Strict):
     @model_validator(mode="after")
     def _linear_probe_is_unaugmented(self) -> TrainConfig:
         augmented = self.augment or self.stain_jitter or self.color_jitter or self.sharpness_jitter or self.shift_scale
-        augmented = augmented or self.blur
+        augmented = augmented or self.blur or self.mixstyle
         if self.mode == "linear" and (augmented or self.tta):
             raise ValueError("mode linear embeds each figure once: set augment and tta false and stain_jitter, "
-                             "color_jitter, sharpness_jitter, shift_scale, blur 0")  # fmt: skip
+                             "color_jitter, sharpness_jitter, shift_scale, blur, mixstyle 0")  # fmt: skip
         return self
 
     @model_validator(mode="after")
@@ -97,6 +101,13 @@ class TrainConfig(_Strict):
         if self.standardize_detail and not self.standardize_input:
             raise ValueError("standardize_detail scales the detail of channel-standardized images: "
                              "set standardize_input true")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
+    def _mixstyle_needs_feature_maps(self) -> TrainConfig:
+        if self.mixstyle and backbone_spec(self.backbone).pooling != "avg":
+            raise ValueError(f"mixstyle mixes the statistics of a CNN's feature maps; {self.backbone} is a "
+                             "transformer: set mixstyle 0")  # fmt: skip
         return self
 
     @model_validator(mode="after")

@@ -151,6 +151,40 @@ def mixup(batch: torch.Tensor, targets: torch.Tensor, alpha: float, generator: t
     return blended, w * targets + (1 - w) * targets[partner]
 
 
+MIXSTYLE_ALPHA = 0.1  # MixStyle's Beta(0.1, 0.1): most figures keep nearly all of their own statistics
+MIXSTYLE_STAGES = 3  # the early stages, where feature statistics carry style (stain, sharpness), not the figure
+
+
+def mix_feature_styles(features: torch.Tensor, alpha: float = MIXSTYLE_ALPHA) -> torch.Tensor:
+    """MixStyle (Zhou et al., ICLR 2021): each figure's feature maps [N, C, H, W] renormalized to a blend of its
+    own per-channel mean and standard deviation and a random partner's, ``w ~ Beta(alpha, alpha)``. Within a CNN's
+    early stages these statistics are mostly the scanner's and the lab's, so the classifier learns on styles
+    between those of its training scanners. Draws from torch's global generator (checkpointed for resume)."""
+    x = features.float()
+    mean = x.mean(dim=(2, 3), keepdim=True).detach()
+    std = x.var(dim=(2, 3), keepdim=True).add(1e-6).sqrt().detach()
+    w = torch.distributions.Beta(alpha, alpha).sample((len(x), 1, 1, 1)).to(x)
+    partner = torch.randperm(len(x)).to(x.device)
+    mixed_mean = w * mean + (1 - w) * mean[partner]
+    mixed_std = w * std + (1 - w) * std[partner]
+    return ((x - mean) / std * mixed_std + mixed_mean).to(features.dtype)
+
+
+def attach_mixstyle(backbone: torch.nn.Module, probability: float) -> None:
+    """In training mode only, each of the backbone's first ``MIXSTYLE_STAGES`` feature stages (timm's
+    ``feature_info``) mixes its output's styles with chance ``probability`` per batch; evaluation and the exported
+    graph (built afresh from the saved weights) are untouched."""
+    modules = dict(backbone.named_modules())
+
+    def maybe_mix(module: torch.nn.Module, inputs, output: torch.Tensor) -> torch.Tensor | None:
+        if module.training and float(torch.rand(())) < probability:
+            return mix_feature_styles(output)
+        return None
+
+    for stage in backbone.feature_info[:MIXSTYLE_STAGES]:
+        modules[stage["module"]].register_forward_hook(maybe_mix)
+
+
 def classification_loss(logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor, cfg: TrainConfig):
     """Class-weighted BCE, or focal loss (confident examples weighted down) with the same class weight."""
     if cfg.loss == "weighted-bce":
@@ -274,6 +308,8 @@ def train_fold(
     val_figs = [f for f, v in zip(figures, is_val, strict=True) if v]
 
     classifier = classifier_for(cfg, head_seed=cfg.seed + fold)
+    if cfg.mixstyle:
+        attach_mixstyle(classifier.backbone, cfg.mixstyle)
     preprocess = Preprocess.for_backbone(classifier.backbone).to(device)
     model = prepare(classifier, cfg).to(device, memory_format=torch.channels_last)
     network = model  # what a training batch goes through

@@ -28,8 +28,9 @@ def read_oof(run_dir):
         return list(csv.DictReader(f))
 
 
-def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(small_data, tmp_path, monkeypatch):
-    cfg = load_config(DEMO_CONFIG, {"epochs": 3})
+@pytest.mark.parametrize("options", [{}, {"ema_decay": 0.9}], ids=["live-weights", "weight-average"])
+def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(small_data, tmp_path, monkeypatch, options):
+    cfg = load_config(DEMO_CONFIG, {"epochs": 3, **options})
     train_run(cfg, [small_data], tmp_path / "uninterrupted")
 
     real_save = train_module._save_atomically
@@ -309,6 +310,32 @@ def test_mixstyle_hooks_act_in_training_only():
         load_config(DEMO_CONFIG, {**UNAUGMENTED, **MIXSTYLED_CNN, "mode": "linear"})
 
 
+def test_weight_average_follows_each_step_and_swaps_in_only_inside_its_block():
+    from training.train import WeightAverage
+
+    cfg = load_config(DEMO_CONFIG, {"mode": "full", "ema_decay": 0.75})
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    average = WeightAverage(model, cfg)
+    steps = [torch.randn(4, 3, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    for weight in steps:
+        with torch.no_grad():
+            model[0].weight.copy_(weight)  # what an optimizer step does: the parameter changes in place
+        model(torch.randn(8, 3))  # and batch-norm statistics move in training mode
+        average.update()
+    expected = start["0.weight"]
+    for weight in steps:
+        expected = 0.75 * expected + 0.25 * weight
+    torch.testing.assert_close(average.averaged["0.weight"], expected)
+    assert int(average.averaged["1.num_batches_tracked"]) == 3  # counters follow, not averaged
+    assert not torch.equal(average.averaged["1.running_mean"], model[1].running_mean)
+    with average.applied(model, cfg):
+        torch.testing.assert_close(model[0].weight.detach(), expected)
+    torch.testing.assert_close(model[0].weight.detach(), steps[-1])  # the live weights back
+    average.update()  # still tracking the live weights after a swap
+    torch.testing.assert_close(average.averaged["0.weight"], 0.75 * expected + 0.25 * steps[-1])
+
+
 def test_losses():
     from training.train import classification_loss
 
@@ -325,7 +352,7 @@ def test_losses():
 def test_every_training_option_together(small_data, tmp_path):
     options = {"epochs": 2, "loss": "focal", "soft_labels": True, "shift_scale": 0.1, "blur": 0.3,
                "stain_jitter": 0.05, "color_jitter": 0.1, "patience": 1, "threshold": "domain-balanced",
-               "split": "random", "mixup": 0.4}  # fmt: skip
+               "split": "random", "mixup": 0.4, "ema_decay": 0.9}  # fmt: skip
     summary = train_run(load_config(DEMO_CONFIG, options), [small_data], tmp_path / "run")
     assert 0 <= summary["threshold"] <= 1
     assert (tmp_path / "run" / "provenance.json").is_file()

@@ -47,6 +47,9 @@ class TrainConfig(_Strict):
     selection: Literal["best", "last"] = Field(
         "best", description="keep the epoch with the best validation BA, or the last epoch (no validation peeking)"
     )
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="validate and keep a moving average of the weights, updated every step"
+    )
     train_fraction: float = Field(1.0, gt=0, le=1, description="train on this share of each class (data scaling)")
     train_per_class: int | None = Field(None, ge=1, description="train on at most this many figures per class")
     loss: Literal["weighted-bce", "focal"] = Field("weighted-bce", description="both weight atypical figures up")

@@ -352,10 +352,24 @@ def test_losses():
 def test_every_training_option_together(small_data, tmp_path):
     options = {"epochs": 2, "loss": "focal", "soft_labels": True, "shift_scale": 0.1, "blur": 0.3,
                "stain_jitter": 0.05, "color_jitter": 0.1, "patience": 1, "threshold": "domain-balanced",
-               "split": "random", "mixup": 0.4, "ema_decay": 0.9}  # fmt: skip
+               "split": "random", "mixup": 0.4, "ema_decay": 0.9, "cpu_bf16": True}  # fmt: skip
     summary = train_run(load_config(DEMO_CONFIG, options), [small_data], tmp_path / "run")
     assert 0 <= summary["threshold"] <= 1
     assert (tmp_path / "run" / "provenance.json").is_file()
+
+
+def test_validate_every_k_epochs_and_always_the_last(small_data, tmp_path):
+    cfg = load_config(DEMO_CONFIG, {"epochs": 5, "validate_every": 2, "selection": "last"})
+    train_run(cfg, [small_data], tmp_path / "run", folds=[0])
+    with (tmp_path / "run" / "fold_0" / "log.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4", "5"]
+    assert [r["roc_auc"] != "nan" for r in rows] == [False, True, False, True, True]
+    assert all(float(r["train_loss"]) > 0 for r in rows)
+    best = json.loads((tmp_path / "run" / "fold_0" / "best.json").read_text())
+    assert best["epoch"] == 5 and str(best["roc_auc"]) == rows[-1]["roc_auc"]
+    with pytest.raises(ValueError, match="set validate_every 1"):
+        load_config(DEMO_CONFIG, {"validate_every": 2, "patience": 3})
 
 
 def test_torchrun_ddp_takes_the_same_step_as_one_process(small_data, tmp_path):

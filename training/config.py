@@ -76,7 +76,9 @@ class TrainConfig(_Strict):
     standardize_detail: bool = Field(
         False, description="and each image's detail band (image minus its blur) to one RMS: sharpness differences"
     )
+    validate_every: int = Field(1, ge=1, description="validate after every this many epochs and after the last")
     eval_batch_size: int = Field(64, ge=1)
+    cpu_bf16: bool = Field(False, description="training steps under bf16 autocast on a CPU too (always on CUDA)")
     grad_checkpointing: bool = Field(False, description="on CUDA: recompute activations, trading time for memory")
     hold_out_scanners: list[str] = Field(
         [], description="figures of these scanners are left out of every fold: a later test on scanners never seen"
@@ -118,6 +120,12 @@ class TrainConfig(_Strict):
         if self.selection == "last" and self.patience:
             raise ValueError("selection last keeps the final epoch: early stopping (patience) would peek at "
                              "validation; set patience null")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
+    def _early_stopping_validates_every_epoch(self) -> TrainConfig:
+        if self.patience and self.validate_every > 1:
+            raise ValueError("patience counts epochs without a better validation BA: set validate_every 1")
         return self
 
 

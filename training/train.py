@@ -58,6 +58,7 @@ from training.splits import load_or_create_splits, training_subset
 log = logging.getLogger(__name__)
 
 FINISHED_MARKER = "best.json"
+EPOCH_METRICS = ("balanced_accuracy", "roc_auc", "sensitivity", "specificity")  # log.csv's validation columns
 CHECKPOINT = "checkpoint.pt"
 PROVENANCE = "provenance.json"
 
@@ -412,7 +413,7 @@ def train_fold(
             y = targets[share].to(device)
             for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
                 group["lr"] = base_lr * _lr_factor(step, total_steps, warmup)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or cfg.cpu_bf16):
                 loss = classification_loss(forward(x).float(), y, pos_weight, cfg)
             # DDP averages gradients over processes; weighting each share by its size makes that the whole
             # batch's mean even when the batch does not split evenly (the factor is exactly 1 for one process)
@@ -425,30 +426,33 @@ def train_fold(
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses):.3f}")
 
-        with average.applied(model, cfg) if average is not None else nullcontext():  # what would be kept
-            val_p = predict_probs(network, preprocess, val_x, cfg.eval_batch_size, device)
-            # every process takes the first one's figures, so that best-epoch and early-stopping decisions agree
-            # (batch-norm statistics, kept per process, would otherwise let them drift apart and hang a collective)
-            val_p = workers.from_main(val_p)
-            metrics = summarize(val_y, val_p, threshold=0.5)
-            row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "seconds": time.perf_counter() - started}
-            row.update({k: metrics[k] for k in ("balanced_accuracy", "roc_auc", "sensitivity", "specificity")})
-            state["log_rows"].append(row)
-            log.info("fold %d epoch %d: loss %.4f val BA %.4f AUC %.4f", fold, epoch + 1, row["train_loss"],
-                     metrics["balanced_accuracy"], metrics["roc_auc"])  # fmt: skip
-            # model selection on balanced accuracy, the challenge's ranking metric; AUC breaks ties. With selection
-            # "last" every epoch replaces the previous one: the held-out fold then only measures, never chooses
-            best = state["best"]
-            score = (metrics["balanced_accuracy"], metrics["roc_auc"])
-            improved = cfg.selection == "last" or score > (best["balanced_accuracy"], best.get("roc_auc", -1))
-            if improved:
-                state["best"] = {"epoch": epoch + 1, "n_train": len(train_idx), **metrics}
-                state["best_state"] = {k: v.cpu() for k, v in learned_state(model, cfg).items()}
-                state["best_probs"] = val_p.tolist()
+        metrics = None
+        if (epoch + 1) % cfg.validate_every == 0 or epoch + 1 == cfg.epochs:
+            with average.applied(model, cfg) if average is not None else nullcontext():  # what would be kept
+                val_p = predict_probs(network, preprocess, val_x, cfg.eval_batch_size, device)
+                # every process takes the first one's figures, so that best-epoch and early-stopping decisions
+                # agree (batch-norm statistics, kept per process, would otherwise let them drift apart and hang a
+                # collective)
+                val_p = workers.from_main(val_p)
+                metrics = summarize(val_y, val_p, threshold=0.5)
+                # model selection on balanced accuracy, the challenge's ranking metric; AUC breaks ties. With
+                # selection "last" every epoch replaces the previous one: the held-out fold only measures then
+                best = state["best"]
+                score = (metrics["balanced_accuracy"], metrics["roc_auc"])
+                improved = cfg.selection == "last" or score > (best["balanced_accuracy"], best.get("roc_auc", -1))
+                if improved:
+                    state["best"] = {"epoch": epoch + 1, "n_train": len(train_idx), **metrics}
+                    state["best_state"] = {k: v.cpu() for k, v in learned_state(model, cfg).items()}
+                    state["best_probs"] = val_p.tolist()
+        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "seconds": time.perf_counter() - started}
+        row.update({k: metrics[k] if metrics else float("nan") for k in EPOCH_METRICS})
+        state["log_rows"].append(row)
+        validated = f" val BA {row['balanced_accuracy']:.4f} AUC {row['roc_auc']:.4f}" if metrics else ""
+        log.info("fold %d epoch %d: loss %.4f%s", fold, epoch + 1, row["train_loss"], validated)
         state["epoch"] = epoch + 1
         if workers.is_main:
             _write_rows(fold_dir / "log.csv", state["log_rows"])
-            for key in ("train_loss", "balanced_accuracy", "roc_auc"):
+            for key in ("train_loss", "balanced_accuracy", "roc_auc") if metrics else ("train_loss",):
                 board.add_scalar(f"fold_{fold}/{key}", row[key], epoch + 1)
             rng = {"torch_rng": torch.get_rng_state(), "generator_rng": generator.get_state()}
             if torch.cuda.is_available():

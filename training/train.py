@@ -58,9 +58,9 @@ from training.splits import load_or_create_splits, training_subset
 log = logging.getLogger(__name__)
 
 FINISHED_MARKER = "best.json"
-EPOCH_METRICS = ("balanced_accuracy", "roc_auc", "sensitivity", "specificity")  # log.csv's validation columns
 CHECKPOINT = "checkpoint.pt"
 PROVENANCE = "provenance.json"
+EPOCH_METRICS = ("balanced_accuracy", "roc_auc", "sensitivity", "specificity")  # log.csv's validation columns
 
 # Ruifrok & Johnston's stain vectors (rows: hematoxylin, eosin, DAB) for H&E colour deconvolution
 RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])

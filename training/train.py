@@ -231,6 +231,7 @@ class WeightAverage:
     the kept epoch and the exported weights are all the average's; training goes on from the live weights."""
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig):
+        self.model, self.cfg = model, cfg
         self.decay = float(cfg.ema_decay)
         self.averaged = learned_state(model, cfg)
         self.live = {k: v for k, v in model.state_dict().items() if k in self.averaged}  # views, not copies
@@ -244,14 +245,14 @@ class WeightAverage:
                 average.copy_(self.live[key])
 
     @contextmanager
-    def applied(self, model: torch.nn.Module, cfg: TrainConfig):
+    def applied(self):
         """The model holds the averaged weights inside the block, its live ones again after it."""
-        live = learned_state(model, cfg)
-        restore_learned_state(model, self.averaged)
+        live = learned_state(self.model, self.cfg)
+        restore_learned_state(self.model, self.averaged)
         try:
             yield
         finally:
-            restore_learned_state(model, live)
+            restore_learned_state(self.model, live)
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
@@ -428,7 +429,7 @@ def train_fold(
 
         metrics = None
         if (epoch + 1) % cfg.validate_every == 0 or epoch + 1 == cfg.epochs:
-            with average.applied(model, cfg) if average is not None else nullcontext():  # what would be kept
+            with average.applied() if average is not None else nullcontext():  # what would be kept
                 val_p = predict_probs(network, preprocess, val_x, cfg.eval_batch_size, device)
                 # every process takes the first one's figures, so that best-epoch and early-stopping decisions
                 # agree (batch-norm statistics, kept per process, would otherwise let them drift apart and hang a

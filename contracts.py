@@ -1,7 +1,8 @@
 """The contracts shared by the exporter (``training.export``) and the container (``process.py``).
 
-One owner per contract: the answer Grand Challenge scores, and the manifest that describes an exported model
-folder. The container image copies this module next to ``process.py``; it imports nothing from ``training``.
+One owner per contract: the answer Grand Challenge scores, the manifest that describes an exported model folder,
+and the one preprocessing step outside the graph (resampling a page to the model's pixel size). The container
+image copies this module next to ``process.py``; it imports nothing from ``training``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 INPUT_INTERFACE = "stacked-histopathology-roi-cropouts"
@@ -21,6 +23,9 @@ MANIFEST_FORMAT_VERSION = 2  # 2: one graph per precision, chosen per device
 ONNX_INPUT = "pixels"  # uint8 [N, H, W, 3], RGB, any H and W: the graph resizes and normalizes
 ONNX_OUTPUT = "prob_atypical"  # float32 [N], mean over folds of sigmoid(logit)
 MAX_PAGES = 16  # the challenge stacks 1..16 figures per case
+# A recorded resolution outside this range (um per pixel) is not a microscope scan's (a 72 dpi default, a missing
+# unit): such pages are served as they are. 0.1-1.0 spans 40x (~0.25) and 20x (~0.5) scans.
+PLAUSIBLE_PIXEL_SIZE_UM = (0.1, 1.0)
 
 Label = Literal["normal", "atypical"]
 Precision = Literal["fp32", "fp16", "int8"]  # int8: MatMul weights, activations quantized per batch
@@ -51,6 +56,35 @@ class FigureAnswer(BaseModel):
 def classify(prob_atypical: float, threshold: float) -> Label:
     """The decision rule, used when the threshold is chosen (training) and when it is applied (serving)."""
     return "atypical" if prob_atypical >= threshold else "normal"
+
+
+def resample_to_pixel_size(pixels: np.ndarray, source_um: float, target_um: float) -> np.ndarray:
+    """Pages scanned at ``source_um`` micrometres per pixel, resampled to ``target_um`` about their centre, size
+    unchanged: a figure covers as many pixels as it did in training. uint8 [..., H, W, 3] in and out.
+
+    Bilinear; zooming out reflects the borders. Training (each scanner's known pixel size) and serving (each page's
+    recorded resolution) both call this, so the model never sees a figure resampled another way.
+    """
+    zoom = source_um / target_um  # > 1: the page's pixels are larger than the model's, so magnify
+    if abs(zoom - 1) < 1e-3:
+        return pixels
+    h, w = pixels.shape[-3:-1]
+
+    def taps(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        centre = (n - 1) / 2
+        at = (np.arange(n) - centre) / zoom + centre
+        period = 2 * (n - 1)
+        at = np.abs(at) % period
+        at = np.where(at > n - 1, period - at, at)  # reflect about the first and last pixel
+        low = np.minimum(np.floor(at).astype(int), n - 2)
+        return low, low + 1, (at - low).astype(np.float32)
+
+    y0, y1, fy = taps(h)
+    x0, x1, fx = taps(w)
+    x = pixels.astype(np.float32)
+    rows = x[..., y0, :, :] * (1 - fy)[:, None, None] + x[..., y1, :, :] * fy[:, None, None]
+    out = rows[..., :, x0, :] * (1 - fx)[:, None] + rows[..., :, x1, :] * fx[:, None]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def build_answer(probs: Sequence[float], threshold: float) -> list[dict[str, Any]]:
@@ -110,6 +144,12 @@ class ModelManifest(BaseModel):
     backbone: str
     folds: int = Field(ge=1)
     threshold: float = Field(ge=0.0, le=1.0)
+    pixel_size_um: float | None = Field(
+        None,
+        gt=0,
+        description="the micrometres per pixel it was trained at: pages that record another "
+        "resolution are resampled to it; None: every page is served as it is",
+    )
     graphs: dict[Precision, str] = Field(description="precision -> ONNX file name in the model folder")
     serve: dict[Device, Precision] = {"cuda": "fp32", "cpu": "fp32"}
     parity: dict[Precision, ParityCheck] = {}

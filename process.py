@@ -5,6 +5,8 @@ Contract (Grand Challenge algorithm, one case per run):
           of 128x128) or, when no TIFF is there, one .mha holding [N, H, W, 3]
   output  OUTPUT_DIR/multiple-mitotic-figure-classification.json: a list with one
           {"class": "normal" | "atypical", "confidence": P(atypical) as a float} per page, in page order
+  pixels  when the model records the pixel size it was trained at, each page whose file records a resolution (TIFF
+          XResolution/YResolution, .mha spacing in mm) is resampled to it; other pages are served as they are
   model   the Grand Challenge model tarball at /opt/ml/model when it holds a manifest, else the model/ folder
           baked next to this file; a manifest.json (schema in contracts.py) names the ONNX ensemble, its
           sha256 and the decision threshold chosen on out-of-fold predictions.
@@ -22,7 +24,8 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -34,10 +37,12 @@ from contracts import (
     INPUT_INTERFACE,
     MANIFEST_FILENAME,
     MAX_PAGES,
+    PLAUSIBLE_PIXEL_SIZE_UM,
     ContractError,
     Device,
     ModelManifest,
     build_answer,
+    resample_to_pixel_size,
     validate_answer,
 )
 
@@ -48,6 +53,7 @@ BAKED_MODEL_DIR = Path(__file__).resolve().parent / "model"
 STACK_SUBDIR = Path("images") / INPUT_INTERFACE
 TIFF_SUFFIXES = (".tif", ".tiff")
 MAX_PAGE_PIXELS = 4096 * 4096  # a page declaring more is a decompression bomb, not a 128 px crop-out
+UM_PER_RESOLUTION_UNIT = {2: 25_400.0, 3: 10_000.0}  # TIFF ResolutionUnit: 2 inch, 3 centimetre (1: no unit)
 
 log = logging.getLogger("process")
 
@@ -74,16 +80,46 @@ def find_stack(input_dir: Path) -> Path:
     raise InputError(f"{folder}: no .tif, .tiff or .mha image")
 
 
-def read_tiff(path: Path) -> list[np.ndarray]:
+@dataclass(frozen=True)
+class Stack:
+    """A case's pages, RGB uint8 [H, W, 3] in file order, and the micrometres per pixel each file page records
+    (None where it records none, or nothing a microscope scan would have)."""
+
+    pages: list[np.ndarray]
+    pixel_sizes_um: list[float | None]
+
+
+def plausible_pixel_size(um: float) -> float | None:
+    low, high = PLAUSIBLE_PIXEL_SIZE_UM
+    return um if low <= um <= high else None
+
+
+def tiff_pixel_size(tags) -> float | None:
+    """The mean of the page's X and Y pixel size, from its XResolution, YResolution and ResolutionUnit tags."""
+    try:
+        unit = UM_PER_RESOLUTION_UNIT.get(int(tags.get(296, 2)))  # TIFF's default unit is the inch
+        x_res, y_res = float(tags.get(282, 0)), float(tags.get(283, 0))
+    except (TypeError, ValueError, ZeroDivisionError):  # a damaged tag costs the resampling, not the answer
+        return None
+    if unit is None or not x_res > 0 or not y_res > 0:
+        return None
+    return plausible_pixel_size((unit / x_res + unit / y_res) / 2)
+
+
+def read_tiff(path: Path) -> Stack:
     Image.MAX_IMAGE_PIXELS = MAX_PAGE_PIXELS
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow warns about damaged tags before failing; the failure is reported
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as im:
-            return [np.asarray(page.convert("RGB")) for page in ImageSequence.Iterator(im)]
+            pages, sizes = [], []
+            for page in ImageSequence.Iterator(im):
+                pages.append(np.asarray(page.convert("RGB")))
+                sizes.append(tiff_pixel_size(page.tag_v2))
+            return Stack(pages, sizes)
 
 
-def read_mha(path: Path) -> list[np.ndarray]:
+def read_mha(path: Path) -> Stack:
     import SimpleITK as sitk
 
     image = sitk.ReadImage(str(path))
@@ -96,7 +132,8 @@ def read_mha(path: Path) -> list[np.ndarray]:
         raise InputError(f"{path.name}: expected an RGB stack [N, H, W, 3], got shape {list(array.shape)}")
     if array.dtype != np.uint8:
         raise InputError(f"{path.name}: expected uint8 pixels, got {array.dtype}")
-    return list(array)
+    x_mm, y_mm = image.GetSpacing()[:2]  # ITK's unit is the millimetre; its default, 1.0, is no scan's
+    return Stack(list(array), [plausible_pixel_size(1000 * (x_mm + y_mm) / 2)] * len(array))
 
 
 @contextlib.contextmanager
@@ -115,13 +152,13 @@ def native_stderr_captured() -> Iterator[IO[bytes]]:
             os.close(saved)
 
 
-def read_stack(path: Path) -> list[np.ndarray]:
-    """All pages, in file order, as RGB uint8 [H, W, 3]."""
+def read_stack(path: Path) -> Stack:
+    """All pages, in file order, as RGB uint8 [H, W, 3], with the pixel size each records."""
     if path.stat().st_size == 0:
         raise InputError(f"{path.name}: empty file")
     with native_stderr_captured() as native:
         try:
-            pages = read_tiff(path) if path.suffix.lower() in TIFF_SUFFIXES else read_mha(path)
+            stack = read_tiff(path) if path.suffix.lower() in TIFF_SUFFIXES else read_mha(path)
         except InputError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -131,11 +168,12 @@ def read_stack(path: Path) -> list[np.ndarray]:
             detail = next((line.strip() for line in native.read().decode(errors="replace").splitlines()), "")
             raise InputError(f"{path.name}: unreadable image ({err.__class__.__name__}: {err})"
                              + (f" [decoder: {detail}]" if detail else "")) from None  # fmt: skip
-    if not pages:
+    if not stack.pages:
         raise InputError(f"{path.name}: no pages")
-    if len(pages) > MAX_PAGES:
-        log.warning("%s: %d pages, more than the challenge's %d; answering all", path.name, len(pages), MAX_PAGES)
-    return pages
+    if len(stack.pages) > MAX_PAGES:
+        log.warning("%s: %d pages, more than the challenge's %d; answering all", path.name, len(stack.pages),
+                    MAX_PAGES)  # fmt: skip
+    return stack
 
 
 def resolve_model_dir(explicit: Path | None) -> Path:
@@ -190,9 +228,26 @@ class OnnxEnsemble:
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
         return served, ort.InferenceSession(str(model_dir / graph), providers=providers)
 
-    def predict(self, pages: list[np.ndarray], max_batch: int = MAX_PAGES) -> np.ndarray:
+    def at_model_pixel_size(self, pages: list[np.ndarray],
+                            pixel_sizes_um: Sequence[float | None]) -> list[np.ndarray]:  # fmt: skip
+        """Each page with a known pixel size resampled to the one the model was trained at (when it records one)."""
+        target = self.manifest.pixel_size_um
+        if target is None:
+            return pages
+        unknown = sum(size is None for size in pixel_sizes_um)
+        if unknown:
+            log.warning("%d of %d page(s) record no pixel size; served as they are (the model was trained at %.3f "
+                        "um/px)", unknown, len(pages), target)  # fmt: skip
+        return [page if size is None else resample_to_pixel_size(page, size, target)
+                for page, size in zip(pages, pixel_sizes_um, strict=True)]  # fmt: skip
+
+    def predict(self, pages: list[np.ndarray], max_batch: int = MAX_PAGES,
+                pixel_sizes_um: Sequence[float | None] | None = None) -> np.ndarray:  # fmt: skip
         """P(atypical) per page, in page order; pages of one size go through together, ``max_batch`` at a time
-        (a challenge stack is one batch; ``python -m training predict`` runs whole datasets through here)."""
+        (a challenge stack is one batch; ``python -m training predict`` runs whole datasets through here).
+        ``pixel_sizes_um``: each page's, for resampling to the model's; None: every page as it is."""
+        if pixel_sizes_um is not None:
+            pages = self.at_model_pixel_size(pages, pixel_sizes_um)
         probs = np.empty(len(pages), dtype=np.float64)
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, page in enumerate(pages):
@@ -225,14 +280,16 @@ def run(input_dir: Path, output_dir: Path, model_dir: Path, device: str, quiet: 
     started = time.perf_counter()
     (output_dir / ANSWER_FILENAME).unlink(missing_ok=True)  # a failed run leaves no answer, not an old one
     stack = find_stack(input_dir)
-    pages = read_stack(stack)
-    log.info("read %s: %d page(s)", stack.name, len(pages))
+    case = read_stack(stack)
+    sizes = sorted({f"{s:.3f}" if s is not None else "none" for s in case.pixel_sizes_um})
+    log.info("read %s: %d page(s) at %s um/px", stack.name, len(case.pages), ", ".join(sizes))
     ensemble = OnnxEnsemble(model_dir, device, quiet)
-    log.info("model %s (%s, %d folds, threshold %.4f) in %s on %s", model_dir, ensemble.manifest.backbone,
-             ensemble.manifest.folds, ensemble.manifest.threshold, ensemble.precision, ensemble.provider)  # fmt: skip
-    probs = ensemble.predict(pages)
+    log.info("model %s (%s, %d folds, threshold %.4f, trained at %s um/px) in %s on %s", model_dir,
+             ensemble.manifest.backbone, ensemble.manifest.folds, ensemble.manifest.threshold,
+             ensemble.manifest.pixel_size_um or "any", ensemble.precision, ensemble.provider)  # fmt: skip
+    probs = ensemble.predict(case.pages, pixel_sizes_um=case.pixel_sizes_um)
     answer = build_answer(probs, ensemble.manifest.threshold)
-    validate_answer(answer, len(pages))
+    validate_answer(answer, len(case.pages))
     write_json_atomically(answer, output_dir / ANSWER_FILENAME)
     log.info("wrote %s in %.2f s", output_dir / ANSWER_FILENAME, time.perf_counter() - started)
     return answer

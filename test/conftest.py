@@ -46,7 +46,7 @@ def demo_run(tmp_path_factory) -> dict[str, Path]:
     return {"data": data, "run": run, "model": model}
 
 
-def red_mean_model(model_dir: Path) -> Path:
+def red_mean_model(model_dir: Path, pixel_size_um: float | None = None) -> Path:
     """An exported model folder whose P(atypical) is known: the mean red value of the page / 255."""
     import torch
     from torch import nn
@@ -65,7 +65,8 @@ def red_mean_model(model_dir: Path) -> Path:
     export_onnx(ensemble.eval(), torch.zeros(2, 128, 128, 3, dtype=torch.uint8), model_dir / "ensemble.onnx")
     files = {p.name: sha256_of(p) for p in model_dir.iterdir()}
     manifest = ModelManifest(
-        backbone="red-mean", folds=2, threshold=0.5, graphs={"fp32": "ensemble.onnx"}, files=files,
+        backbone="red-mean", folds=2, threshold=0.5, pixel_size_um=pixel_size_um, graphs={"fp32": "ensemble.onnx"},
+        files=files,
         training_config={}, oof_metrics={}, created_utc="2026-01-01T00:00:00+00:00",
     )  # fmt: skip
     (model_dir / "manifest.json").write_text(manifest.model_dump_json())

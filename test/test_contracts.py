@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 
 from contracts import (
@@ -7,9 +8,39 @@ from contracts import (
     ModelManifest,
     build_answer,
     classify,
+    resample_to_pixel_size,
     sha256_of,
     validate_answer,
 )
+
+RAMP = np.tile(np.arange(128, dtype=np.uint8)[None, :, None], (128, 1, 3))  # value = column
+
+
+def test_resampling_to_the_same_pixel_size_changes_nothing():
+    pages = np.random.default_rng(0).integers(0, 256, (2, 128, 128, 3), dtype=np.uint8)
+    assert resample_to_pixel_size(pages, 0.23, 0.23) is pages
+
+
+def test_larger_source_pixels_are_magnified_about_the_centre():
+    out = resample_to_pixel_size(RAMP, 0.46, 0.23)  # twice the model's pixel size: the central half fills the page
+    assert out.shape == RAMP.shape and out.dtype == np.uint8
+    assert out[0, 0, 0] == 32 and out[0, -1, 0] == 95 and out[5, 64, 0] == 64
+    assert np.all(np.diff(out[0, :, 0].astype(int)) >= 0)  # still a ramp, half as steep
+    assert (out[0, :, 0] == out[77, :, 0]).all()  # rows of the ramp stay identical
+
+
+def test_smaller_source_pixels_shrink_the_figure_and_reflect_the_borders():
+    out = resample_to_pixel_size(RAMP, 0.115, 0.23)
+    assert out[0, 32, 0] <= 1 and out[0, 95, 0] >= 126  # the whole ramp fits in the central half
+    assert out[0, 0, 0] == 64 and out[0, -1, 0] in (63, 64)  # beyond it, reflected: no black border
+
+
+def test_a_batch_resamples_as_its_pages_do_one_by_one():
+    pages = np.random.default_rng(1).integers(0, 256, (3, 128, 96, 3), dtype=np.uint8)
+    batch = resample_to_pixel_size(pages, 0.25, 0.23)
+    assert batch.shape == pages.shape
+    for page, resampled in zip(pages, batch, strict=True):
+        assert np.array_equal(resample_to_pixel_size(page, 0.25, 0.23), resampled)
 
 
 def test_answer_confidence_is_p_atypical_for_both_classes():

@@ -1,6 +1,7 @@
 """The dataset readers and the fold strategies, on the real breast subset and the official tables."""
 
 import csv
+import dataclasses
 import json
 from collections import Counter
 
@@ -9,7 +10,15 @@ import pytest
 from conftest import shared_path
 
 from training.config import TrainConfig
-from training.data import MIDOG25_COLUMNS, MIDOG25_CSV, DataError, decode_figures, normalize_scanner, read_midog25
+from training.data import (
+    MIDOG25_COLUMNS,
+    MIDOG25_CSV,
+    DataError,
+    at_pixel_size,
+    decode_figures,
+    normalize_scanner,
+    read_midog25,
+)
 from training.splits import SPLITS_FILE, load_or_create_splits, make_folds, slide_grouped_folds
 from training.synthetic import write_midog25
 
@@ -243,3 +252,12 @@ def test_held_out_scanners_match_any_spelling_and_a_typo_is_named(breast_subset)
         on_scanners(breast_subset, ["Aperio GT450"])
     spelled = TrainConfig(hold_out_scanners=["Hammamatsu XR", "Hamamatsu XR"]).hold_out_scanners
     assert spelled == ["Hamamatsu XR"]  # one spelling in the run's config, so a resumed command matches either
+
+
+def test_a_scanner_without_a_known_pixel_size_is_named(tmp_path):
+    write_midog25(tmp_path, n=4, seed=0, n_slides=2)
+    figures = read_midog25(tmp_path)
+    figures[1] = dataclasses.replace(figures[1], scanner="3D Histech")
+    pixels = np.zeros((4, 128, 128, 3), np.uint8)
+    with pytest.raises(DataError, match=r"3D Histech.*SCANNER_PIXEL_SIZE_UM"):
+        at_pixel_size(figures, pixels, 0.23)

@@ -29,6 +29,7 @@ def _seed_corpus() -> list[bytes]:
     rgb = [Image.fromarray(rng.integers(0, 256, (s, s, 3), dtype=np.uint8)) for s in (16, 24, 16)]
     return [
         _tiff(rgb, compression="raw"),
+        _tiff(rgb, compression="raw", dpi=(102_351, 101_949)),  # a resolution, as the organizers' stacks record
         _tiff(rgb, compression="tiff_lzw"),
         _tiff(rgb, compression="tiff_adobe_deflate"),
         _tiff(rgb, compression="packbits"),
@@ -67,7 +68,7 @@ def mutate(data: bytes, mutations) -> bytes:
 
 @pytest.fixture(scope="module")
 def ensemble(tmp_path_factory):
-    return OnnxEnsemble(red_mean_model(tmp_path_factory.mktemp("fuzz") / "model"), "cpu")
+    return OnnxEnsemble(red_mean_model(tmp_path_factory.mktemp("fuzz") / "model", pixel_size_um=0.23), "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -81,13 +82,15 @@ def test_every_mutated_tiff_is_answered_or_refused_cleanly(ensemble, outcomes, t
     path = tmp_path_factory.getbasetemp() / "fuzz-case.tiff"
     path.write_bytes(mutate(SEEDS[seed], mutations))
     try:
-        pages = read_stack(path)
+        case = read_stack(path)
     except InputError as err:
         assert path.name in str(err)
         outcomes["refused"] += 1
         return
+    pages = case.pages
     assert pages and all(p.dtype == np.uint8 and p.ndim == 3 and p.shape[2] == 3 and p.size for p in pages)
-    answer = build_answer(ensemble.predict(pages), ensemble.manifest.threshold)
+    assert len(case.pixel_sizes_um) == len(pages)
+    answer = build_answer(ensemble.predict(pages, pixel_sizes_um=case.pixel_sizes_um), ensemble.manifest.threshold)
     validate_answer(answer, len(pages))
     outcomes["answered"] += 1
 

@@ -10,7 +10,8 @@ import torch
 from conftest import REPO, red_mean_model, run_cli, shared_path
 from PIL import Image
 
-from contracts import ANSWER_FILENAME, INPUT_INTERFACE, validate_answer
+import process
+from contracts import ANSWER_FILENAME, INPUT_INTERFACE, resample_to_pixel_size, validate_answer
 from training.synthetic import synthetic_figures, write_case
 
 PROCESS = REPO / "process.py"
@@ -261,3 +262,63 @@ def test_a_damaged_compressed_tiff_fails_in_one_line_quoting_the_decoder(model_d
     case = _case_with_file(tmp_path, "damaged.tiff", bytes(data))
     result = run_cli(PROCESS, "--input", case, "--output", tmp_path / "out", "--model", model_dir, check=False)
     assert_clean_failure(result, tmp_path / "out", "damaged.tiff", "unreadable", "ZIPDecode")
+
+
+def framed_pages() -> np.ndarray:
+    """Pages whose red is a 16 px frame: magnifying crops the frame, so the red-mean model's answer moves."""
+    pages = np.zeros((2, 128, 128, 3), np.uint8)
+    pages[:, :16, :, 0] = pages[:, -16:, :, 0] = pages[:, :, :16, 0] = pages[:, :, -16:, 0] = 255
+    pages[1, ..., 1] = 90  # a second, distinct page
+    return pages
+
+
+@pytest.mark.parametrize("fmt", ["tiff", "mha"])
+def test_pages_are_resampled_from_their_recorded_pixel_size_to_the_models(tmp_path, fmt):
+    model = red_mean_model(tmp_path / "model", pixel_size_um=0.23)
+    pages = framed_pages()
+    expected = {um: resample_to_pixel_size(pages, um, 0.23)[..., 0].mean(axis=(1, 2)) / 255 for um in (0.25, 0.23)}
+    assert expected[0.25][0] < expected[0.23][0] - 0.03  # the test can tell resampled from not
+    for um in (0.25, 0.23):
+        write_case(tmp_path / f"in-{um}", pages, fmt=fmt, pixel_size_um=um)
+        answer, result = answer_for(tmp_path / f"in-{um}", model, tmp_path / f"out-{um}")
+        np.testing.assert_allclose([e["confidence"] for e in answer], expected[um], atol=1e-4)
+        assert f"at {um:.3f} um/px" in result.stderr and "trained at 0.23 um/px" in result.stderr
+
+
+def test_pages_that_record_no_pixel_size_are_served_as_they_are_with_a_warning(tmp_path):
+    model = red_mean_model(tmp_path / "model", pixel_size_um=0.23)
+    pages = framed_pages()
+    write_case(tmp_path / "in", pages)
+    answer, result = answer_for(tmp_path / "in", model, tmp_path / "out")
+    np.testing.assert_allclose([e["confidence"] for e in answer], pages[..., 0].mean(axis=(1, 2)) / 255, atol=1e-4)
+    assert "WARNING 2 of 2 page(s) record no pixel size" in result.stderr
+
+
+def test_a_model_without_a_pixel_size_serves_every_page_as_it_is(tmp_path):
+    pages = framed_pages()
+    write_case(tmp_path / "in", pages, pixel_size_um=0.25)
+    answer, _ = answer_for(tmp_path / "in", red_mean_model(tmp_path / "model"), tmp_path / "out")
+    np.testing.assert_allclose([e["confidence"] for e in answer], pages[..., 0].mean(axis=(1, 2)) / 255, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("tags", "um"),
+    [
+        ({282: 101_600, 283: 101_600}, 0.25),  # dots per inch, TIFF's default unit
+        ({296: 3, 282: 40_000, 283: 50_000}, 0.225),  # per centimetre; X and Y averaged
+        ({296: 1, 282: 40_000, 283: 40_000}, None),  # no unit
+        ({282: 72, 283: 72}, None),  # a 72 dpi default, no scan's resolution
+        ({}, None),
+        ({282: 0, 283: 0}, None),
+        ({282: (1, 2), 283: 3}, None),  # damaged
+    ],
+)
+def test_tiff_resolution_tags_give_a_plausible_pixel_size_or_none(tags, um):
+    got = process.tiff_pixel_size(tags)
+    assert got == pytest.approx(um) if um is not None else got is None
+
+
+def test_the_organizers_sample_stack_records_its_pixel_size():
+    case = process.read_stack(process.find_stack(shared_path("gc-sample", "input")))
+    assert len(case.pixel_sizes_um) == 16
+    assert all(um == pytest.approx(0.2487, abs=1e-3) for um in case.pixel_sizes_um)  # a 40x scan's

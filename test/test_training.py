@@ -426,3 +426,35 @@ def test_sigkill_then_the_same_command_resumes_and_finishes(small_data, tmp_path
     result = run_cli(*args)
     assert "fold 0: resuming after epoch" in result.stderr
     assert (run / "summary.json").is_file() and len(read_oof(run)) == 90
+
+
+def test_training_and_serving_resample_each_scanner_to_one_pixel_size(small_data, tmp_path, monkeypatch):
+    from contracts import resample_to_pixel_size
+    from process import OnnxEnsemble
+    from training.data import decode_figures
+    from training.predict import predict_folder
+
+    trained_on = {}
+    real_train_fold = train_module.train_fold
+
+    def spy(cfg, fold, figures, pixels, *args):
+        trained_on.update(figures=figures, pixels=pixels)
+        return real_train_fold(cfg, fold, figures, pixels, *args)
+
+    monkeypatch.setattr(train_module, "train_fold", spy)
+    cfg = load_config(DEMO_CONFIG, {"epochs": 1, "pixel_size_um": 0.23})
+    train_run(cfg, [small_data], tmp_path / "run")
+    decoded = decode_figures(trained_on["figures"])
+    aperio = np.array([f.scanner == "Aperio CS2" for f in trained_on["figures"]])
+    assert aperio.any() and (~aperio).any()
+    assert np.array_equal(trained_on["pixels"][~aperio], decoded[~aperio])  # Hamamatsu scans are at 0.23 already
+    assert np.array_equal(trained_on["pixels"][aperio], resample_to_pixel_size(decoded[aperio], 0.25, 0.23))
+    assert not np.array_equal(trained_on["pixels"][aperio], decoded[aperio])
+
+    manifest = export_run(tmp_path / "run", tmp_path / "model")
+    assert manifest.pixel_size_um == 0.23
+    predict_folder(tmp_path / "model", small_data, tmp_path / "preds.csv", device="cpu", scanners=["Aperio CS2"])
+    with (tmp_path / "preds.csv").open() as f:
+        served = [float(r["prob_atypical"]) for r in csv.DictReader(f)]
+    expected = OnnxEnsemble(tmp_path / "model", "cpu").predict(list(trained_on["pixels"][aperio]), max_batch=64)
+    np.testing.assert_allclose(served, expected, rtol=0, atol=1e-6)  # predict resampled them as training did

@@ -40,7 +40,8 @@ import process
 imported = time.perf_counter()
 ensemble = process.OnnxEnsemble(process.Path(sys.argv[1]), sys.argv[2])
 loaded = time.perf_counter()
-ensemble.predict(process.read_stack(process.find_stack(process.Path(sys.argv[3]))))
+case = process.read_stack(process.find_stack(process.Path(sys.argv[3])))
+ensemble.predict(case.pages, pixel_sizes_um=case.pixel_sizes_um)
 done = time.perf_counter()
 print(json.dumps({"imports_s": imported - started, "session_s": loaded - imported, "predict_s": done - loaded,
                   "precision": ensemble.precision, "provider": ensemble.provider}))
@@ -247,7 +248,7 @@ def bench_stack(device: str = "cpu", backbone: str = "tiny-virchow", repeats: in
 
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: torch sees no GPU here")
-    pages = process.read_stack(process.find_stack(case_dir))
+    pages = process.read_stack(process.find_stack(case_dir)).pages
     folds = peer_folds(BENCH_BACKBONES[backbone], torch.device(device))
     preprocess = Preprocess.for_backbone(folds[0].get_base_model().backbone).to(device)
     merged = [copy.deepcopy(fold).merge_and_unload().eval() for fold in folds]

@@ -76,6 +76,12 @@ class TrainConfig(_Strict):
     standardize_detail: bool = Field(
         False, description="and each image's detail band (image minus its blur) to one RMS: sharpness differences"
     )
+    pixel_size_um: float | None = Field(
+        None,
+        gt=0,
+        description="train at this many micrometres per pixel: each figure resampled from its scanner's "
+        "(training.data.SCANNER_PIXEL_SIZE_UM); the served model resamples each page from its recorded resolution",
+    )
     validate_every: int = Field(1, ge=1, description="validate after every this many epochs and after the last")
     eval_batch_size: int = Field(64, ge=1)
     cpu_bf16: bool = Field(False, description="training steps under bf16 autocast on a CPU too (always on CUDA)")

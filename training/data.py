@@ -26,6 +26,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from contracts import resample_to_pixel_size
+
 log = logging.getLogger(__name__)
 
 MIDOG25_CSV = "MIDOG25_Atypical_Classification_Train_Set.csv"
@@ -43,6 +45,9 @@ BOOLEANS = {"True": 1, "False": 0, "true": 1, "false": 0, "1": 1, "0": 0}
 PATCH_SIZE = 128
 UNKNOWN = "unknown"
 COORDINATE_TOLERANCE = 3  # pixels
+# Micrometres per pixel at 40x, from the MIDOG 2021 challenge's description of its scanners. A scanner missing here
+# cannot be trained with ``pixel_size_um`` set (add it, with its source); served pages carry their own.
+SCANNER_PIXEL_SIZE_UM = {"Hamamatsu XR": 0.23, "Hamamatsu S360": 0.23, "Aperio CS2": 0.25, "Leica GT450": 0.26}
 # MIDOG21 slides by number: 1-50 Hamamatsu XR, 51-100 Hamamatsu S360, 101-150 Aperio CS2 (151-200 unlabeled)
 MIDOG21_SCANNERS = ((50, "Hamamatsu XR"), (100, "Hamamatsu S360"), (150, "Aperio CS2"))
 
@@ -233,6 +238,25 @@ def on_scanners(figures: list[Figure], scanners: list[str]) -> list[bool]:
         known = ", ".join(sorted({f.scanner for f in figures}))
         raise DataError(f"no figures from scanner(s) {', '.join(sorted(missing))} (the data has: {known})")
     return [f.scanner in wanted for f in figures]
+
+
+def scanner_pixel_sizes(figures: list[Figure]) -> list[float | None]:
+    """Each figure's micrometres per pixel, from its scanner (None for a scanner SCANNER_PIXEL_SIZE_UM lacks)."""
+    return [SCANNER_PIXEL_SIZE_UM.get(f.scanner) for f in figures]
+
+
+def at_pixel_size(figures: list[Figure], pixels: np.ndarray, target_um: float) -> np.ndarray:
+    """Every figure resampled from its scanner's pixel size to ``target_um``, as the served model resamples each
+    page from the resolution its file records (``contracts.resample_to_pixel_size`` in both)."""
+    sizes = scanner_pixel_sizes(figures)
+    if unknown := sorted({f.scanner for f, size in zip(figures, sizes, strict=True) if size is None}):
+        raise DataError(f"no known pixel size for scanner(s) {', '.join(unknown)}: add them to "
+                        "training.data.SCANNER_PIXEL_SIZE_UM, or train without pixel_size_um")  # fmt: skip
+    out = pixels.copy()
+    for size in sorted(set(sizes)):
+        chosen = np.array([s == size for s in sizes])
+        out[chosen] = resample_to_pixel_size(pixels[chosen], size, target_um)
+    return out
 
 
 def merge_datasets(tables: list[list[Figure]]) -> list[Figure]:

@@ -250,6 +250,7 @@ def export_ensemble(
     oof_metrics: dict[str, float | None],
     reduced_precisions: tuple[ReducedPrecision, ...] | None = None,
     tta: bool = False,
+    pixel_size_um: float | None = None,
 ) -> ModelManifest:
     """Merged folds -> the model folder ``process.py`` serves: fp32 graph (with ``tta``, averaging the 8 D4
     orientations), reduced precisions (all of ``REDUCED_PRECISIONS`` by default) that pass their parity checks on
@@ -293,6 +294,7 @@ def export_ensemble(
         backbone=backbone,
         folds=len(folds),
         threshold=threshold,
+        pixel_size_um=pixel_size_um,
         graphs=graphs,
         serve=serve,
         parity=parity,
@@ -324,4 +326,5 @@ def export_run(run_dir: Path, output_dir: Path, folds: list[int] | None = None) 
         models, parity_pixels, summary["threshold"], output_dir, backbone=cfg.backbone,
         training_config=cfg.model_dump(),
         oof_metrics={k: float(v) if math.isfinite(v) else None for k, v in summary["oof"].items()}, tta=cfg.tta,
+        pixel_size_um=cfg.pixel_size_um,
     )  # fmt: skip

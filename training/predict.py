@@ -8,7 +8,7 @@ from pathlib import Path
 
 from contracts import classify
 from process import OnnxEnsemble
-from training.data import decode_figures, on_scanners, read_dataset
+from training.data import decode_figures, on_scanners, read_dataset, scanner_pixel_sizes
 from training.evaluate import PREDICTION_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -17,13 +17,14 @@ log = logging.getLogger(__name__)
 def predict_folder(model_dir: Path, data_root: Path, output: Path, device: str = "auto", batch: int = 64,
                    precision: str | None = None, scanners: list[str] | None = None) -> None:  # fmt: skip
     """``precision`` None: the graph the manifest serves on the device, as the container runs it. ``scanners``:
-    score only their figures (a run's held-out scanners)."""
+    score only their figures (a run's held-out scanners). Each figure's pixel size is its scanner's, as a case's
+    file records its own."""
     figures = read_dataset(data_root)
     if scanners:
         figures = [f for f, keep in zip(figures, on_scanners(figures, scanners), strict=True) if keep]
     pixels = decode_figures(figures)
     ensemble = OnnxEnsemble(model_dir, device, precision=precision)
-    probs = ensemble.predict(list(pixels), max_batch=batch)
+    probs = ensemble.predict(list(pixels), max_batch=batch, pixel_sizes_um=scanner_pixel_sizes(figures))
     output.parent.mkdir(parents=True, exist_ok=True)
     with output.open("w", newline="") as f:
         writer = csv.writer(f)

@@ -159,18 +159,24 @@ def write_midog25(root: Path, n: int = 600, seed: int = 0, n_slides: int = 30) -
     log.info("wrote %d synthetic figures from %d slides to %s", n, n_slides, root)
 
 
-def write_case(case_dir: Path, pages: np.ndarray, name: str = "stack", fmt: str = "tiff") -> Path:
-    """A Grand Challenge input folder: ``inputs.json`` + ``images/<interface>/<name>.<fmt>`` (multi-page)."""
+def write_case(case_dir: Path, pages: np.ndarray, name: str = "stack", fmt: str = "tiff",
+               pixel_size_um: float | None = None) -> Path:  # fmt: skip
+    """A Grand Challenge input folder: ``inputs.json`` + ``images/<interface>/<name>.<fmt>`` (multi-page), its
+    resolution recorded when ``pixel_size_um`` is given (TIFF dots per inch; .mha spacing in mm)."""
     image_dir = case_dir / "images" / INPUT_INTERFACE
     image_dir.mkdir(parents=True, exist_ok=True)
     path = image_dir / f"{name}.{fmt}"
     if fmt in ("tif", "tiff"):
         first, *rest = [Image.fromarray(p) for p in pages]
-        first.save(path, save_all=True, append_images=rest, compression="tiff_adobe_deflate")
+        resolution = {"dpi": (25_400 / pixel_size_um,) * 2} if pixel_size_um else {}
+        first.save(path, save_all=True, append_images=rest, compression="tiff_adobe_deflate", **resolution)
     elif fmt == "mha":
         import SimpleITK as sitk
 
-        sitk.WriteImage(sitk.GetImageFromArray(np.ascontiguousarray(pages), isVector=True), str(path), True)
+        image = sitk.GetImageFromArray(np.ascontiguousarray(pages), isVector=True)
+        if pixel_size_um:
+            image.SetSpacing((pixel_size_um / 1000, pixel_size_um / 1000, 1.0))
+        sitk.WriteImage(image, str(path), True)
     else:
         raise ValueError(f"unknown stack format {fmt!r}")
     interface = {

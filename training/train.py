@@ -50,7 +50,7 @@ from training.adapt import (
     set_train_mode,
 )
 from training.config import TrainConfig, load_config, save_config
-from training.data import Figure, decode_figures, on_scanners, read_datasets
+from training.data import Figure, at_pixel_size, decode_figures, on_scanners, read_datasets
 from training.metrics import choose_threshold, summarize
 from training.model import Preprocess, binomial_blur, classifier_for, mean_over_views, model_input
 from training.splits import load_or_create_splits, training_subset
@@ -589,6 +589,8 @@ def train_run(
     if not workers.is_main:  # the first process decoded (and cached) and split; the others read the same
         pixels = decode_figures(figures, cache_dir)
         val_folds = load_or_create_splits(run_dir, figures, cfg)
+    if cfg.pixel_size_um is not None:
+        pixels = at_pixel_size(figures, pixels, cfg.pixel_size_um)
     for fold in folds if folds is not None else range(cfg.folds):
         if not 0 <= fold < cfg.folds:
             raise ValueError(f"fold {fold} outside 0..{cfg.folds - 1}")

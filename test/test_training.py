@@ -202,12 +202,27 @@ def test_d4_views_are_the_eight_symmetries_of_the_square():
     torch.testing.assert_close(mean_over_views(torch.arange(16.0), 8), torch.tensor([7.0, 8.0]))
 
 
-@pytest.mark.parametrize("path", sorted((DEMO_CONFIG.parent).glob("*.yaml")), ids=lambda p: p.name)
+SHIPPED_CONFIGS = sorted([*DEMO_CONFIG.parent.glob("*.yaml"), *DEMO_CONFIG.parent.glob("ablations/*.yaml")])
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_names_a_registered_backbone(path):
     from training.backbones import BACKBONES
 
     cfg = load_config(path)
     assert cfg.backbone in BACKBONES and path.stem.startswith(cfg.name)
+
+
+def test_a_config_states_only_what_it_changes_from_its_base(tmp_path):
+    (tmp_path / "variants").mkdir()
+    (tmp_path / "variants" / "a.yaml").write_text(f"base: {DEMO_CONFIG}\nname: a\nepochs: 7\n")
+    (tmp_path / "b.yaml").write_text("base: variants/a.yaml\nname: b\nseed: 3\n")
+    chained = load_config(tmp_path / "b.yaml", {"seed": 5})
+    assert chained == load_config(DEMO_CONFIG, {"name": "b", "epochs": 7, "seed": 5})
+    (tmp_path / "loop.yaml").write_text("base: loop2.yaml\n")
+    (tmp_path / "loop2.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ValueError, match="'base' loops back"):
+        load_config(tmp_path / "loop.yaml")
 
 
 def test_shift_scale_and_blur():

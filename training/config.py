@@ -135,9 +135,21 @@ class TrainConfig(_Strict):
         return self
 
 
+def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config's keys over those of the config its ``base:`` names (relative to it; bases may chain), so a
+    variant states only what it changes and cannot drift from what it varies."""
+    path = Path(path).resolve()
+    if path in seen:
+        raise ValueError(f"{path}: 'base' loops back to a config that bases on it")
+    raw = yaml.safe_load(path.read_text()) or {}
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    return {**_read_with_bases(path.parent / base, (*seen, path)), **raw}
+
+
 def load_config(path: Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    raw.update(overrides or {})
+    raw = {**_read_with_bases(path), **(overrides or {})}
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as err:

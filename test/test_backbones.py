@@ -135,6 +135,22 @@ def test_equalized_detail_gives_soft_and_sharp_images_one_detail_level():
         TrainConfig(backbone="efficientnetv2-b0-scratch", mode="full", standardize_detail=True)
 
 
+def test_detail_ceiling_softens_sharp_images_and_keeps_soft_ones():
+    from training.config import TrainConfig
+    from training.model import DETAIL_RMS_CEILING, binomial_blur, detail_rms, equalize_detail, standardize_channels
+    from training.synthetic import synthetic_figures
+
+    pixels, _ = synthetic_figures(2, seed=0, n_slides=2)
+    x = standardize_channels(torch.from_numpy(pixels).permute(0, 3, 1, 2).float())
+    sharp, soft = x + 1.5 * (x - binomial_blur(x)), binomial_blur(binomial_blur(x))
+    assert (detail_rms(sharp) > DETAIL_RMS_CEILING).all() and (detail_rms(soft) < DETAIL_RMS_CEILING).all()
+    softened = equalize_detail(sharp, DETAIL_RMS_CEILING, only_down=True)
+    torch.testing.assert_close(detail_rms(softened), torch.full((2,), DETAIL_RMS_CEILING), rtol=1e-4, atol=0)
+    torch.testing.assert_close(equalize_detail(soft, DETAIL_RMS_CEILING, only_down=True), soft, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="set standardize_detail true"):
+        TrainConfig(backbone="efficientnetv2-b0-scratch", mode="full", standardize_input=True, detail_ceiling=True)
+
+
 def test_embedding_is_cls_plus_mean_of_patch_tokens():
     clf = build_classifier("tiny-virchow").eval()
     x = torch.randn(2, 3, 112, 112)

@@ -90,6 +90,7 @@ MIXSTYLED_CNN = {"backbone": "efficientnetv2-b0-scratch", "mixstyle": 1.0}
     ("mode", "options"),
     [
         ("full", STANDARDIZED),
+        ("full", {**STANDARDIZED, "detail_ceiling": True}),
         ("full", MIXSTYLED_CNN),
         ("linear", UNAUGMENTED),
         ("linear", {**UNAUGMENTED, "mixup": 0.4}),

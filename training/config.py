@@ -76,6 +76,11 @@ class TrainConfig(_Strict):
     standardize_detail: bool = Field(
         False, description="and each image's detail band (image minus its blur) to one RMS: sharpness differences"
     )
+    detail_ceiling: bool = Field(
+        False,
+        description="with standardize_detail: only a detail band above the softest scanner's RMS is scaled, down to "
+        "it (training.model.DETAIL_RMS_CEILING); softer figures are kept, not sharpened",
+    )
     pixel_size_um: float | None = Field(
         None,
         gt=0,
@@ -112,6 +117,8 @@ class TrainConfig(_Strict):
         if self.standardize_detail and not self.standardize_input:
             raise ValueError("standardize_detail scales the detail of channel-standardized images: "
                              "set standardize_input true")  # fmt: skip
+        if self.detail_ceiling and not self.standardize_detail:
+            raise ValueError("detail_ceiling is a way of standardize_detail: set standardize_detail true")
         return self
 
     @model_validator(mode="after")

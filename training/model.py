@@ -59,6 +59,9 @@ BINOMIAL_5 = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16  # a Gaussian of sigma
 # The detail band's RMS that standardize_detail gives every figure: the breast subset's scanners have 0.13-0.20
 # after channel standardization (python -m training describe), 0.17 over all its figures.
 DETAIL_RMS = 0.17
+# The ceiling that detail_ceiling lowers sharper figures to: the softest scanner's level there (Hamamatsu S360,
+# 0.126). A scanner's softness can be matched by blurring, its sharpness cannot be restored without inventing detail.
+DETAIL_RMS_CEILING = 0.126
 
 
 def binomial_blur(x: torch.Tensor) -> torch.Tensor:
@@ -78,15 +81,16 @@ def detail_rms(x: torch.Tensor) -> torch.Tensor:
     return (x - binomial_blur(x)).square().mean(dim=(1, 2, 3)).sqrt()
 
 
-def equalize_detail(x: torch.Tensor) -> torch.Tensor:
+def equalize_detail(x: torch.Tensor, target: float = DETAIL_RMS, only_down: bool = False) -> torch.Tensor:
     """float [N, C, H, W] -> ``blur(x) + s * (x - blur(x))``, with each image's ``s >= 0`` chosen so that the
-    result's own detail RMS (``detail_rms``) is exactly ``DETAIL_RMS``.
+    result's own detail RMS (``detail_rms``) is exactly ``target``; with ``only_down``, ``s <= 1``: an image whose
+    detail is below ``target`` is kept as it is.
 
-    Scaling the detail by ``DETAIL_RMS / detail_rms(x)`` would not do: the blur is not a projection, so the
+    Scaling the detail by ``target / detail_rms(x)`` would not do: the blur is not a projection, so the
     result's detail band also holds the blurred part's residue ``a = smooth - blur(smooth)``. With the detail's
     own residue ``b = (x - smooth) - a`` (the blur is linear), the result's band is ``a + s b``, and
-    ``mean((a + s b)^2) = DETAIL_RMS^2`` is a quadratic in ``s``: its larger root. (Where even ``s = 0`` leaves
-    more than ``DETAIL_RMS``, as for noise, ``s`` is 0; every figure of the breast subset reaches it exactly.)
+    ``mean((a + s b)^2) = target^2`` is a quadratic in ``s``: its larger root. (Where even ``s = 0`` leaves
+    more than ``target``, as for noise, ``s`` is 0; every figure of the breast subset reaches it exactly.)
     """
     smooth = binomial_blur(x)
     detail = x - smooth
@@ -94,8 +98,10 @@ def equalize_detail(x: torch.Tensor) -> torch.Tensor:
     b = detail - a
     dims = (1, 2, 3)
     bb, ab = b.square().mean(dims), (a * b).mean(dims)
-    aa_minus_target = a.square().mean(dims) - DETAIL_RMS**2
+    aa_minus_target = a.square().mean(dims) - target**2
     s = (ab.square() - bb * aa_minus_target).clamp_min(0).sqrt().sub(ab).div(bb.add(1e-8)).clamp_min(0)
+    if only_down:
+        s = s.clamp_max(1)
     return smooth + detail * s.view(-1, 1, 1, 1)
 
 
@@ -114,16 +120,18 @@ class Classifier(nn.Module):
     With ``standardize_detail`` as well, each image's detail band (what a 5x5 binomial blur removes) is scaled to
     the same RMS, ``DETAIL_RMS``: scanners differ most in sharpness, which scales this band (1.6x between the
     breast subset's sharpest and softest scanner), while atypical and normal figures of one scanner differ in it
-    by about 5%.
+    by about 5%. With ``detail_ceiling``, only a detail band above ``DETAIL_RMS_CEILING`` is scaled, down to it:
+    sharper scanners are softened to the softest one's level, softer figures are not sharpened.
     """
 
     def __init__(self, backbone: nn.Module, pooling: Pooling, standardize: bool = False,
-                 standardize_detail: bool = False):  # fmt: skip
+                 standardize_detail: bool = False, detail_ceiling: bool = False):  # fmt: skip
         super().__init__()
         self.backbone = backbone
         self.pooling = pooling
         self.standardize = standardize
         self.standardize_detail = standardize_detail
+        self.detail_ceiling = detail_ceiling
         self.num_prefix_tokens = int(getattr(backbone, "num_prefix_tokens", 0))
         dim = backbone.num_features * (2 if pooling == "cls+mean" else 1)
         # not "head": peft matches modules_to_save by name suffix, and timm backbones have a `head` of their own
@@ -136,7 +144,9 @@ class Classifier(nn.Module):
     def _standardized(self, x: torch.Tensor) -> torch.Tensor:
         if self.standardize:
             x = standardize_channels(x)
-        if self.standardize_detail:
+        if self.standardize_detail and self.detail_ceiling:
+            x = equalize_detail(x, DETAIL_RMS_CEILING, only_down=True)
+        elif self.standardize_detail:
             x = equalize_detail(x)
         return x
 
@@ -158,9 +168,9 @@ class Classifier(nn.Module):
 
 
 def build_classifier(backbone: str, weights: str | None = None, head_seed: int = 0, standardize: bool = False,
-                     standardize_detail: bool = False) -> Classifier:  # fmt: skip
+                     standardize_detail: bool = False, detail_ceiling: bool = False) -> Classifier:  # fmt: skip
     model = Classifier(create_backbone(backbone, weights), backbone_spec(backbone).pooling, standardize,
-                       standardize_detail)  # fmt: skip
+                       standardize_detail, detail_ceiling)  # fmt: skip
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(head_seed)
         model.atypia_head.reset_parameters()
@@ -195,7 +205,7 @@ def mean_over_views(probs: torch.Tensor, views: int) -> torch.Tensor:
 def classifier_for(cfg: TrainConfig, head_seed: int = 0) -> Classifier:
     """The untrained classifier a run's config describes (its weights come from the fold's files)."""
     return build_classifier(cfg.backbone, cfg.weights, head_seed, standardize=cfg.standardize_input,
-                            standardize_detail=cfg.standardize_detail)  # fmt: skip
+                            standardize_detail=cfg.standardize_detail, detail_ceiling=cfg.detail_ceiling)  # fmt: skip
 
 
 class Ensemble(nn.Module):

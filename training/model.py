@@ -59,8 +59,8 @@ BINOMIAL_5 = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16  # a Gaussian of sigma
 # The detail band's RMS that standardize_detail gives every figure: the breast subset's scanners have 0.13-0.20
 # after channel standardization (python -m training describe), 0.17 over all its figures.
 DETAIL_RMS = 0.17
-# The ceiling that detail_ceiling lowers sharper figures to: the softest scanner's level there (Hamamatsu S360,
-# 0.126). A scanner's softness can be matched by blurring, its sharpness cannot be restored without inventing detail.
+# The ceiling that detail_ceiling lowers sharper figures to: the breast subset's softest scanner's level (Hamamatsu
+# S360, 0.126). Softness can be matched by blurring; sharpness cannot be restored without inventing detail.
 DETAIL_RMS_CEILING = 0.126
 
 

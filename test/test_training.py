@@ -224,6 +224,9 @@ def test_a_config_states_only_what_it_changes_from_its_base(tmp_path):
     (tmp_path / "loop2.yaml").write_text("base: loop.yaml\n")
     with pytest.raises(ValueError, match="'base' loops back"):
         load_config(tmp_path / "loop.yaml")
+    (tmp_path / "number.yaml").write_text("base: 3\n")
+    with pytest.raises(ValueError, match="'base' names another config file"):
+        load_config(tmp_path / "number.yaml")
 
 
 def test_shift_scale_and_blur():

@@ -149,9 +149,13 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path in seen:
         raise ValueError(f"{path}: 'base' loops back to a config that bases on it")
     raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a config is a mapping of keys to values")
     base = raw.pop("base", None)
     if base is None:
         return raw
+    if not isinstance(base, str):
+        raise ValueError(f"{path}: 'base' names another config file, relative to this one")
     return {**_read_with_bases(path.parent / base, (*seen, path)), **raw}
 
 

@@ -81,6 +81,11 @@ class TrainConfig(_Strict):
         description="with standardize_detail: only a detail band above the softest scanner's RMS is scaled, down to "
         "it (training.model.DETAIL_RMS_CEILING); softer figures are kept, not sharpened",
     )
+    standardize_mid_band: bool = Field(
+        False,
+        description="with standardize_detail: the band below the detail band (1-3 px) brought to one RMS too "
+        "(training.model.MID_BAND_RMS), where scanners still differ after the detail band is equalized",
+    )
     pixel_size_um: float | None = Field(
         None,
         gt=0,
@@ -119,6 +124,9 @@ class TrainConfig(_Strict):
                              "set standardize_input true")  # fmt: skip
         if self.detail_ceiling and not self.standardize_detail:
             raise ValueError("detail_ceiling is a way of standardize_detail: set standardize_detail true")
+        if self.standardize_mid_band and (not self.standardize_detail or self.detail_ceiling):
+            raise ValueError("standardize_mid_band sets the mid band with the detail band: set standardize_detail "
+                             "true and detail_ceiling false")  # fmt: skip
         return self
 
     @model_validator(mode="after")

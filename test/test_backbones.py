@@ -151,6 +151,45 @@ def test_detail_ceiling_softens_sharp_images_and_keeps_soft_ones():
         TrainConfig(backbone="efficientnetv2-b0-scratch", mode="full", standardize_input=True, detail_ceiling=True)
 
 
+def test_mid_band_standardization_gives_every_figure_one_detail_and_one_mid_band_level():
+    """However a figure's 1-3 px structure was scaled (a scanner's optics), it reaches the backbone with its detail
+    band at DETAIL_RMS exactly and its mid band at MID_BAND_RMS within 3%; without the option, the mid band stays."""
+    from training.config import TrainConfig
+    from training.model import (
+        DETAIL_RMS,
+        MID_BAND_RMS,
+        band_rms,
+        classifier_for,
+        detail_rms,
+        equalize_band,
+        mid_band,
+        standardize_channels,
+    )
+    from training.synthetic import synthetic_figures
+
+    pixels, _ = synthetic_figures(2, seed=0, n_slides=2)
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float()
+    versions = [x + g * mid_band(x) for g in (-0.5, 0.0, 1.0)]  # mid band at half, as is, double
+    before = torch.stack([band_rms(standardize_channels(v), mid_band) for v in versions])
+    assert before.max() > 1.4 * before.min()
+    # one band alone is reached exactly, as the detail band is
+    once = equalize_band(standardize_channels(versions[2]), mid_band, MID_BAND_RMS)
+    torch.testing.assert_close(band_rms(once, mid_band), torch.full((2,), MID_BAND_RMS), rtol=1e-4, atol=0)
+    base = {"backbone": "efficientnetv2-b0-scratch", "mode": "full", "standardize_input": True}
+    both = classifier_for(TrainConfig(**base, standardize_detail=True, standardize_mid_band=True))
+    detail_only = classifier_for(TrainConfig(**base, standardize_detail=True))
+    for v in versions:
+        out = both._standardized(v)
+        torch.testing.assert_close(detail_rms(out), torch.full((2,), DETAIL_RMS), rtol=1e-4, atol=0)
+        torch.testing.assert_close(band_rms(out, mid_band), torch.full((2,), MID_BAND_RMS), rtol=0.03, atol=0)
+    kept = torch.stack([band_rms(detail_only._standardized(v), mid_band) for v in versions])
+    assert kept.max() > 1.2 * kept.min(), kept
+    with pytest.raises(ValueError, match="set standardize_detail true and detail_ceiling false"):
+        TrainConfig(**base, standardize_mid_band=True)
+    with pytest.raises(ValueError, match="set standardize_detail true and detail_ceiling false"):
+        TrainConfig(**base, standardize_detail=True, detail_ceiling=True, standardize_mid_band=True)
+
+
 def test_embedding_is_cls_plus_mean_of_patch_tokens():
     clf = build_classifier("tiny-virchow").eval()
     x = torch.randn(2, 3, 112, 112)

@@ -91,6 +91,7 @@ MIXSTYLED_CNN = {"backbone": "efficientnetv2-b0-scratch", "mixstyle": 1.0}
     [
         ("full", STANDARDIZED),
         ("full", {**STANDARDIZED, "detail_ceiling": True}),
+        ("full", {**STANDARDIZED, "standardize_mid_band": True}),
         ("full", MIXSTYLED_CNN),
         ("linear", UNAUGMENTED),
         ("linear", {**UNAUGMENTED, "mixup": 0.4}),

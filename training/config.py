@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -14,6 +14,9 @@ from training.data import normalize_scanner
 # peft matches this against full module names: only the attention projections of the transformer blocks.
 # A bare "proj" would also catch patch_embed.proj, the patch-embedding convolution.
 ATTENTION_TARGETS = r"backbone\.blocks\.\d+\.attn\.(qkv|proj)"
+
+
+Validated = TypeVar("Validated", bound=BaseModel)
 
 
 class _Strict(BaseModel):
@@ -168,9 +171,14 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 
 def load_config(path: Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    raw = {**_read_with_bases(path), **(overrides or {})}
+    return validated(TrainConfig, {**_read_with_bases(path), **(overrides or {})}, path)
+
+
+def validated(model: type[Validated], raw: Any, path: Path) -> Validated:
+    """``model`` validated from ``raw`` (read from ``path``); a violation is one line that names the file, the
+    field and what is wrong."""
     try:
-        return TrainConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(x) for x in first["loc"])

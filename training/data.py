@@ -329,18 +329,23 @@ def decode_figures(figures: list[Figure], cache_dir: Path | None = None) -> np.n
 
 def describe_domains(figures: list[Figure], pixels: np.ndarray) -> dict[str, dict[str, float]]:
     """Per scanner: figures, atypical share, mean RGB, sharpness (the mean absolute difference between
-    neighbouring pixels of the gray image, across and down) and the detail band's RMS after channel
-    standardization (what the model's standardize_detail equalizes). How a dataset's domains differ, so
-    augmentation and the model's input can cover it: on the breast subset the scanners differ most in sharpness."""
+    neighbouring pixels of the gray image, across and down), the detail band's RMS after channel standardization
+    (what the model's standardize_detail equalizes) and the mid band's RMS once the detail band is equalized too
+    (what standardize_mid_band equalizes). How a dataset's domains differ, so augmentation and the model's input
+    can cover it: on the breast subset the scanners differ most in sharpness."""
     import torch
 
-    from training.model import detail_rms, standardize_channels
+    from training.model import band_rms, detail_rms, equalize_detail, mid_band, standardize_channels
 
     gray = pixels.astype(np.float32).mean(axis=-1)
     sharpness = np.abs(np.diff(gray, axis=1)).mean(axis=(1, 2)) + np.abs(np.diff(gray, axis=2)).mean(axis=(1, 2))
+    detail, mid = [], []
     with torch.no_grad():
-        detail = np.concatenate([detail_rms(standardize_channels(torch.from_numpy(chunk).permute(0, 3, 1, 2).float()))
-                                 .numpy() for chunk in np.array_split(pixels, max(1, len(pixels) // 256))])  # fmt: skip
+        for chunk in np.array_split(pixels, max(1, len(pixels) // 256)):
+            x = standardize_channels(torch.from_numpy(chunk).permute(0, 3, 1, 2).float())
+            detail.append(detail_rms(x).numpy())
+            mid.append(band_rms(equalize_detail(x), mid_band).numpy())
+    detail, mid = np.concatenate(detail), np.concatenate(mid)
     scanners = np.array([f.scanner for f in figures])
     labels = np.array([f.label for f in figures])
     result = {}
@@ -349,5 +354,5 @@ def describe_domains(figures: list[Figure], pixels: np.ndarray) -> dict[str, dic
         red, green, blue = (float(c) for c in pixels[m].reshape(-1, 3).mean(axis=0))
         result[scanner] = {"figures": int(m.sum()), "atypical_share": float(labels[m].mean()), "red": red,
                            "green": green, "blue": blue, "sharpness": float(sharpness[m].mean()),
-                           "detail_rms": float(detail[m].mean())}  # fmt: skip
+                           "detail_rms": float(detail[m].mean()), "mid_band_rms": float(mid[m].mean())}  # fmt: skip
     return result

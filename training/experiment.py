@@ -41,12 +41,12 @@ import torch
 import torch.nn.functional as F
 import yaml
 from peft import PeftModel
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from training.adapt import load_fold_model
-from training.config import TrainConfig, load_config
+from training.config import TrainConfig, load_config, validated
 from training.data import Figure, decode_figures, read_datasets
 from training.evaluate import figures as figures_of
 from training.model import Classifier, Preprocess, classifier_for
@@ -139,11 +139,7 @@ class Cell(BaseModel):
 
 
 def load_grid(path: Path) -> GridConfig:
-    try:
-        grid = GridConfig.model_validate(yaml.safe_load(Path(path).read_text()) or {})
-    except ValidationError as err:
-        first = err.errors()[0]
-        raise ValueError(f"{path}: '{'.'.join(map(str, first['loc']))}': {first['msg']}") from None
+    grid = validated(GridConfig, yaml.safe_load(Path(path).read_text()) or {}, path)
     unknown = {m for s in grid.studies for m in s.methods or []} | set(grid.blur.methods or [] if grid.blur else [])
     unknown -= set(grid.methods)
     if unknown:

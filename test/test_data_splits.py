@@ -55,12 +55,21 @@ def test_describe_shows_the_real_scanners_differ_most_in_sharpness(breast_subset
     detail = {d: v["detail_rms"] for d, v in domains.items()}  # the same order once colour is standardized
     assert detail["Aperio CS2"] > 1.4 * detail["Hamamatsu S360"] and detail["Hamamatsu XR"] > detail["Hamamatsu S360"]
     mid = {d: v["mid_band_rms"] for d, v in domains.items()}  # what is left once the detail band is equalized
-    assert mid["Aperio CS2"] > 1.1 * mid["Hamamatsu S360"]
+    assert mid["Aperio CS2"] > 1.05 * mid["Hamamatsu S360"]
     xr = [f for f in breast_subset if f.scanner == "Hamamatsu XR"]
     gray = decode_figures(xr).astype(np.float64).mean(axis=-1)  # independently: neighbour differences, by hand
     by_hand = np.mean([np.abs(g[1:] - g[:-1]).mean() + np.abs(g[:, 1:] - g[:, :-1]).mean() for g in gray])
     assert abs(domains["Hamamatsu XR"]["sharpness"] - by_hand) < 1e-3
     assert abs(domains["Hamamatsu XR"]["atypical_share"] - np.mean([f.label for f in xr])) < 1e-12
+    # as the model sees them (pixel_size_um 0.23): the Hamamatsu scanners' figures are already at 0.23 um/px and
+    # stay as they are; Aperio CS2's (0.25) are magnified, which softens them, and keep more mid-band contrast
+    run_cli("-m", "training", "describe", "--data-root", shared_path("midog25-breast-subset"), "--json", out,
+            "--pixel-size-um", "0.23")  # fmt: skip
+    resampled = json.loads(out.read_text())
+    for scanner in ("Hamamatsu S360", "Hamamatsu XR"):
+        assert resampled[scanner] == domains[scanner]
+    assert resampled["Aperio CS2"]["sharpness"] < 0.9 * domains["Aperio CS2"]["sharpness"]
+    assert resampled["Aperio CS2"]["mid_band_rms"] > 1.1 * resampled["Hamamatsu S360"]["mid_band_rms"]
 
 
 def test_official_full_csv_has_the_columns_the_reader_needs():

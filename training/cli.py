@@ -28,10 +28,13 @@ def _case(args: argparse.Namespace) -> None:
 def _describe(args: argparse.Namespace) -> None:
     import json
 
-    from training.data import decode_figures, describe_domains, read_datasets
+    from training.data import at_pixel_size, decode_figures, describe_domains, read_datasets
 
     figures = read_datasets(args.data_root)
-    domains = describe_domains(figures, decode_figures(figures))
+    pixels = decode_figures(figures)
+    if args.pixel_size_um is not None:
+        pixels = at_pixel_size(figures, pixels, args.pixel_size_um)
+    domains = describe_domains(figures, pixels)
     print(f"{'scanner':24}" + "".join(f"{k:>15}" for k in next(iter(domains.values()))))
     for scanner, figs in domains.items():
         print(f"{scanner[:24]:24}" + "".join(f"{v:>15.3f}" if isinstance(v, float) else f"{v:>15d}" for v in
@@ -121,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("describe", help="per scanner: figures, atypical share, mean colour, sharpness")
     p.add_argument("--data-root", type=Path, nargs="+", required=True)
     p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--pixel-size-um", type=float, help="describe the figures resampled to this pixel size, as a "
+                   "config's pixel_size_um trains on them (default: as scanned)")  # fmt: skip
     p.set_defaults(func=_describe)
 
     p = sub.add_parser("train", help="train the folds of a config on dataset folders")

@@ -62,8 +62,9 @@ DETAIL_RMS = 0.17
 # The ceiling that detail_ceiling lowers sharper figures to: the breast subset's softest scanner's level (Hamamatsu
 # S360, 0.126). Softness can be matched by blurring; sharpness cannot be restored without inventing detail.
 DETAIL_RMS_CEILING = 0.126
-# The mid band's RMS that standardize_mid_band gives every figure: 0.227-0.290 between the breast subset's scanners
-# and classes after channel standardization at 0.23 um/px, 0.26 over all its figures.
+# The mid band's RMS that standardize_mid_band gives every figure: about the softest scanner's level. Once colour and
+# detail are standardized at 0.23 um/px, the breast subset's scanners have 0.258 (Hamamatsu S360), 0.269
+# (Hamamatsu XR) and 0.289 (Aperio CS2): python -m training describe --pixel-size-um 0.23.
 MID_BAND_RMS = 0.26
 # Mid band and detail band are set in turn, twice: setting one moves the other a little (their blurs overlap);
 # after two rounds the detail band is exact and the mid band within 0.006 of its target on every scanner.
@@ -152,9 +153,8 @@ class Classifier(nn.Module):
     its own normalization.
 
     With ``standardize_mid_band`` as well, the band below it (``mid_band``, structure of 1-3 px) is brought to
-    ``MID_BAND_RMS`` too: after the detail band is equalized, a scanner's figures still differ in it by up to 1.25x
-    (Aperio CS2 against Hamamatsu S360), 4x what separates atypical from normal figures of one scanner, and a
-    model trained on the Hamamatsu scanners reads Aperio CS2's extra mid-band contrast as atypia.
+    ``MID_BAND_RMS`` too: after the detail band is equalized, scanners still differ in it by up to 1.12x (Aperio
+    CS2 against Hamamatsu S360).
 
     With ``standardize_detail`` as well, each image's detail band (what a 5x5 binomial blur removes) is scaled to
     the same RMS, ``DETAIL_RMS``: scanners differ most in sharpness, which scales this band (1.6x between the

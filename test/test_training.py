@@ -159,6 +159,24 @@ def test_color_jitter_is_identity_at_zero_bounded_and_leaves_gray_gray():
     assert means.min() >= 0.8 - 1e-4 and means.max() <= 1.2 + 1e-4 and means.std() > 0.01  # brightness per image
 
 
+def test_tone_jitter_is_identity_at_zero_keeps_black_white_and_every_pixels_rank():
+    from training.train import augment_tone
+
+    batch = torch.randint(0, 256, (6, 16, 16, 3), dtype=torch.uint8)
+    batch[:, 0, 0], batch[:, 0, 1] = 0, 255
+    torch.testing.assert_close(augment_tone(batch, 0.0, torch.Generator().manual_seed(0)), batch.float())
+    out = augment_tone(batch, 0.3, torch.Generator().manual_seed(0))
+    assert (out[:, 0, 0] == 0).all() and (out[:, 0, 1] - 255).abs().max() < 1e-3
+    flat_in, flat_out = batch.flatten(1).float(), out.flatten(1)
+    order = flat_in.argsort(dim=1)
+    assert (flat_out.gather(1, order).diff(dim=1) >= 0).all()  # a monotone curve: ranks kept
+    mid = (batch.float() > 20) & (batch.float() < 235)
+    ratio = torch.log(out[mid] / 255) / torch.log(batch.float()[mid] / 255)  # the image's gamma, recovered
+    assert ratio.min() >= np.exp(-0.3) - 1e-3 and ratio.max() <= np.exp(0.3) + 1e-3
+    per_image = [torch.log(o[m] / 255) / torch.log(b.float()[m] / 255) for o, b, m in zip(out, batch, mid, strict=True)]
+    assert max(r.std().item() for r in per_image) < 1e-3 and np.std([r.mean().item() for r in per_image]) > 0.02
+
+
 def test_d4_test_time_augmentation_from_training_to_the_served_graph(small_data, tmp_path):
     """With tta, val.csv holds the 8-orientation mean (what the graph serves) beside the single view, the summary
     scores both, and the exported graph's answer does not change when a page is flipped or turned."""
@@ -372,7 +390,7 @@ def test_losses():
 def test_every_training_option_together(small_data, tmp_path):
     options = {"epochs": 2, "loss": "focal", "soft_labels": True, "shift_scale": 0.1, "blur": 0.3,
                "stain_jitter": 0.05, "color_jitter": 0.1, "patience": 1, "threshold": "domain-balanced",
-               "split": "random", "mixup": 0.4, "ema_decay": 0.9, "cpu_bf16": True}  # fmt: skip
+               "split": "random", "mixup": 0.4, "ema_decay": 0.9, "cpu_bf16": True, "tone_jitter": 0.2}  # fmt: skip
     summary = train_run(load_config(DEMO_CONFIG, options), [small_data], tmp_path / "run")
     assert 0 <= summary["threshold"] <= 1
     assert (tmp_path / "run" / "provenance.json").is_file()

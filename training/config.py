@@ -70,6 +70,7 @@ class TrainConfig(_Strict):
     stain_jitter: float = Field(0.0, ge=0, lt=1, description="HED stain jitter strength (0 = off), for scanner shift")
     sharpness_jitter: float = Field(0.0, ge=0, le=2, description="blur (k < 0) or sharpen (k > 0) by |k| <= this")
     color_jitter: float = Field(0.0, ge=0, lt=1, description="brightness, contrast, saturation jitter (0 = off)")
+    tone_jitter: float = Field(0.0, ge=0, le=1, description="random gamma per image, |log gamma| <= this (0 = off)")
     tta: bool = Field(
         False,
         description="D4 test-time augmentation: the fold's final validation predictions and the exported graph "
@@ -114,10 +115,10 @@ class TrainConfig(_Strict):
     @model_validator(mode="after")
     def _linear_probe_is_unaugmented(self) -> TrainConfig:
         augmented = self.augment or self.stain_jitter or self.color_jitter or self.sharpness_jitter or self.shift_scale
-        augmented = augmented or self.blur or self.mixstyle
+        augmented = augmented or self.blur or self.mixstyle or self.tone_jitter
         if self.mode == "linear" and (augmented or self.tta):
             raise ValueError("mode linear embeds each figure once: set augment and tta false and stain_jitter, "
-                             "color_jitter, sharpness_jitter, shift_scale, blur, mixstyle 0")  # fmt: skip
+                             "color_jitter, tone_jitter, sharpness_jitter, shift_scale, blur, mixstyle 0")  # fmt: skip
         return self
 
     @model_validator(mode="after")

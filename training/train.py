@@ -104,6 +104,14 @@ def augment_color(batch: torch.Tensor, strength: float, generator: torch.Generat
     return x.clamp(0, 255)
 
 
+def augment_tone(batch: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """A random tone curve per image, ``255 (x / 255) ** g`` with ``log g`` uniform in [-strength, strength]:
+    scanners map optical density to pixel values along different curves, which channel standardization (a gain
+    and an offset) cannot undo. Black and white stay; every pixel keeps its rank. [N, H, W, 3] in, float out."""
+    gamma = torch.exp((torch.rand(len(batch), 1, 1, 1, generator=generator) * 2 - 1) * strength)
+    return 255 * (batch.float() / 255) ** gamma
+
+
 def augment_geometry_blur(batch: torch.Tensor, shift_scale: float, blur: float, generator: torch.Generator):
     """Small random shift and zoom (the figure is not always centred), and a mild blur with probability ``blur``.
 
@@ -402,6 +410,8 @@ def train_fold(
                 batch = augment_stain(batch, cfg.stain_jitter, generator)
             if cfg.color_jitter:
                 batch = augment_color(batch, cfg.color_jitter, generator)
+            if cfg.tone_jitter:
+                batch = augment_tone(batch, cfg.tone_jitter, generator)
             if cfg.shift_scale or cfg.blur:
                 batch = augment_geometry_blur(batch, cfg.shift_scale, cfg.blur, generator)
             if cfg.sharpness_jitter:

@@ -67,7 +67,7 @@ DETAIL_RMS_CEILING = 0.126
 # (Hamamatsu XR) and 0.289 (Aperio CS2): python -m training describe --pixel-size-um 0.23.
 MID_BAND_RMS = 0.26
 # Mid band and detail band are set in turn, twice: setting one moves the other a little (their blurs overlap);
-# after two rounds the detail band is exact and the mid band within 0.006 of its target on every scanner.
+# after two rounds the detail band is exact and the mid band within a few percent of its target.
 BAND_ROUNDS = 2
 
 
@@ -152,15 +152,15 @@ class Classifier(nn.Module):
     offset per channel never reaches the network. For models trained from scratch; a pretrained backbone expects
     its own normalization.
 
-    With ``standardize_mid_band`` as well, the band below it (``mid_band``, structure of 1-3 px) is brought to
-    ``MID_BAND_RMS`` too: after the detail band is equalized, scanners still differ in it by up to 1.12x (Aperio
-    CS2 against Hamamatsu S360).
-
     With ``standardize_detail`` as well, each image's detail band (what a 5x5 binomial blur removes) is scaled to
     the same RMS, ``DETAIL_RMS``: scanners differ most in sharpness, which scales this band (1.6x between the
     breast subset's sharpest and softest scanner), while atypical and normal figures of one scanner differ in it
     by about 5%. With ``detail_ceiling``, only a detail band above ``DETAIL_RMS_CEILING`` is scaled, down to it:
     sharper scanners are softened to the softest one's level, softer figures are not sharpened.
+
+    With ``standardize_mid_band`` as well, the band below the detail band (``mid_band``, structure of 1-3 px) is
+    brought to ``MID_BAND_RMS`` too: after the detail band is equalized, scanners still differ in it by up to
+    1.12x (Aperio CS2 against Hamamatsu S360).
     """
 
     def __init__(self, backbone: nn.Module, pooling: Pooling, standardize: bool = False,

@@ -101,7 +101,7 @@ def mid_band(x: torch.Tensor) -> torch.Tensor:
     return smooth - coarse
 
 
-def band_rms(x: torch.Tensor, band: Callable[[torch.Tensor], torch.Tensor] = fine_band) -> torch.Tensor:
+def band_rms(x: torch.Tensor, band: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """float [N, C, H, W] -> [N]: the RMS of each image's ``band``."""
     return band(x).square().mean(dim=(1, 2, 3)).sqrt()
 
@@ -123,16 +123,16 @@ def equalize_band(x: torch.Tensor, band: Callable[[torch.Tensor], torch.Tensor],
     ``mean((a + s b)^2) = target^2`` is a quadratic in ``s``: its larger root. (Where even ``s = 0`` leaves
     more than ``target``, as for noise, ``s`` is 0; every figure of the breast subset reaches it exactly.)
     """
-    detail = band(x)
-    b = band(detail)
-    a = detail - b
+    part = band(x)
+    b = band(part)
+    a = part - b
     dims = (1, 2, 3)
     bb, ab = b.square().mean(dims), (a * b).mean(dims)
     aa_minus_target = a.square().mean(dims) - target**2
     s = (ab.square() - bb * aa_minus_target).clamp_min(0).sqrt().sub(ab).div(bb.add(1e-8)).clamp_min(0)
     if only_down:
         s = s.clamp_max(1)
-    return x + detail * (s - 1).view(-1, 1, 1, 1)
+    return x + part * (s - 1).view(-1, 1, 1, 1)
 
 
 def equalize_detail(x: torch.Tensor, target: float = DETAIL_RMS, only_down: bool = False) -> torch.Tensor:

@@ -387,10 +387,36 @@ def test_losses():
     assert classification_loss(logits, targets, pos_weight, focal_cfg) < bce
 
 
+def test_scanner_alignment_penalty_estimates_the_squared_gap_between_scanners_class_means():
+    from training.train import scanner_alignment_penalty
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 12 + [1] * 4).repeat(2)
+    scanners = torch.tensor([0] * 16 + [1] * 16)
+    shift = torch.where(scanners == 1, 0.8, 0.0)  # scanner 1 scores every figure 0.8 higher
+    draws = [scanner_alignment_penalty(torch.randn(32, generator=gen) + 2 * labels + shift, labels, scanners)
+             for _ in range(4000)]  # fmt: skip
+    assert abs(torch.stack(draws).mean().item() - 0.8**2) < 0.03  # unbiased: noise alone would add ~0.4 here
+    same = [scanner_alignment_penalty(torch.randn(32, generator=gen) + 2 * labels, labels, scanners)
+            for _ in range(4000)]  # fmt: skip
+    assert abs(torch.stack(same).mean().item()) < 0.03
+    # a class with fewer than 2 figures on a scanner, or one scanner only, says nothing
+    logits = torch.randn(32, generator=gen)
+    assert scanner_alignment_penalty(logits, labels, torch.zeros(32, dtype=torch.long)).item() == 0
+    lone = torch.tensor([1] + [0] * 31)
+    expected = scanner_alignment_penalty(logits[1:], lone[1:], scanners[1:])
+    torch.testing.assert_close(scanner_alignment_penalty(logits, lone, scanners), expected)
+    # the gradient pulls the scanners' class means together
+    logits = (torch.randn(32, generator=gen) + shift).requires_grad_()
+    scanner_alignment_penalty(logits, labels, scanners).backward()
+    assert logits.grad[scanners == 1].sum() > 0 > logits.grad[scanners == 0].sum()
+
+
 def test_every_training_option_together(small_data, tmp_path):
     options = {"epochs": 2, "loss": "focal", "soft_labels": True, "shift_scale": 0.1, "blur": 0.3,
                "stain_jitter": 0.05, "color_jitter": 0.1, "patience": 1, "threshold": "domain-balanced",
-               "split": "random", "mixup": 0.4, "ema_decay": 0.9, "cpu_bf16": True, "tone_jitter": 0.2}  # fmt: skip
+               "split": "random", "mixup": 0.4, "ema_decay": 0.9, "cpu_bf16": True, "tone_jitter": 0.2,
+               "scanner_alignment": 1.0}  # fmt: skip
     summary = train_run(load_config(DEMO_CONFIG, options), [small_data], tmp_path / "run")
     assert 0 <= summary["threshold"] <= 1
     assert (tmp_path / "run" / "provenance.json").is_file()

@@ -71,6 +71,12 @@ class TrainConfig(_Strict):
     sharpness_jitter: float = Field(0.0, ge=0, le=2, description="blur (k < 0) or sharpen (k > 0) by |k| <= this")
     color_jitter: float = Field(0.0, ge=0, lt=1, description="brightness, contrast, saturation jitter (0 = off)")
     tone_jitter: float = Field(0.0, ge=0, le=1, description="random gamma per image, |log gamma| <= this (0 = off)")
+    scanner_alignment: float = Field(
+        0.0,
+        ge=0,
+        description="weight of a penalty on the gap between a batch's scanners in each class's mean logit (majority "
+        "label): the calibration shift between the training scanners, trained out (0 = off)",
+    )
     tta: bool = Field(
         False,
         description="D4 test-time augmentation: the fold's final validation predictions and the exported graph "

@@ -205,6 +205,26 @@ def classification_loss(logits: torch.Tensor, targets: torch.Tensor, pos_weight:
     return (bce * (1 - p_true) ** cfg.focal_gamma).mean()
 
 
+def scanner_alignment_penalty(logits: torch.Tensor, labels: torch.Tensor, scanners: torch.Tensor) -> torch.Tensor:
+    """An unbiased estimate of the squared gap between two scanners' mean logits for figures of one class,
+    averaged over every class and pair of scanners in the batch with 2 figures or more each (0 if none).
+
+    A model whose scores shift with the scanner (one finds all its figures more atypical than another) needs a
+    threshold per scanner, and an unseen scanner gets the wrong one. The plain squared gap of two batch means
+    would also count their sampling noise, ``var_a / n_a + var_b / n_b``, and minimizing that shrinks every
+    logit towards its class mean: a confidence penalty nobody asked for. Subtracting the noise leaves an estimate
+    whose expected gradient is the true gap's.
+    """
+    terms = []
+    for label in (0, 1):
+        groups = [logits[(labels == label) & (scanners == s)] for s in scanners.unique()]
+        groups = [g for g in groups if len(g) >= 2]
+        for i, a in enumerate(groups):
+            for b in groups[i + 1 :]:
+                terms.append((a.mean() - b.mean()).square() - a.var() / len(a) - b.var() / len(b))
+    return torch.stack(terms).mean() if terms else logits.new_zeros(())
+
+
 @torch.no_grad()
 def embed_all(classifier, preprocess, pixels: np.ndarray, batch_size: int, device: torch.device) -> np.ndarray:
     classifier.eval()
@@ -367,6 +387,9 @@ def train_fold(
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     if cfg.grad_checkpointing and device.type == "cuda":
         classifier.backbone.set_grad_checkpointing(True)
+    train_majority = torch.from_numpy(train_y >= 0.5)  # hard labels, for the scanner alignment's classes
+    scanner_codes = {s: k for k, s in enumerate(sorted({f.scanner for f in figures}))}
+    train_scanner = torch.tensor([scanner_codes[figures[i].scanner] for i in train_idx])
     if cfg.soft_labels:
         train_y = np.array([figures[i].soft_label for i in train_idx], dtype=np.float32)
     # atypical figures are the minority (about 1 in 4 to 1 in 6): weight them up by the class ratio
@@ -425,7 +448,11 @@ def train_fold(
             for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
                 group["lr"] = base_lr * _lr_factor(step, total_steps, warmup)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or cfg.cpu_bf16):
-                loss = classification_loss(forward(x).float(), y, pos_weight, cfg)
+                logits = forward(x).float()
+                loss = classification_loss(logits, y, pos_weight, cfg)
+                if cfg.scanner_alignment:  # mixup keeps each figure weighted >= 0.5: its label and scanner stand
+                    hard, scanner = train_majority[idx][share].to(device), train_scanner[idx][share].to(device)
+                    loss = loss + cfg.scanner_alignment * scanner_alignment_penalty(logits, hard, scanner)
             # DDP averages gradients over processes; weighting each share by its size makes that the whole
             # batch's mean even when the batch does not split evenly (the factor is exactly 1 for one process)
             loss = loss * (len(y) * workers.world / len(idx))

@@ -38,6 +38,10 @@ def independent(label, prob, pred):
         "specificity": recall_score(label, pred, pos_label=0),
         "accuracy": accuracy_score(label, pred),
         "roc_auc": roc_auc_score(label, prob) if both else None,
+        "mean_prob_normal": float(np.mean([p for p, y in zip(prob, label, strict=True) if y == 0])),
+        "mean_prob_atypical": float(np.mean([p for p, y in zip(prob, label, strict=True) if y == 1]))
+        if label.any()
+        else None,
     }
 
 

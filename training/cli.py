@@ -1,5 +1,5 @@
-"""``python -m training <command>``: synth | case | describe | train | export | predict | evaluate | experiment |
-cold-start | bench | bench-train."""
+"""``python -m training <command>``: synth | case | describe | train | export | predict | probe | evaluate |
+experiment | cold-start | bench | bench-train."""
 
 from __future__ import annotations
 
@@ -67,6 +67,20 @@ def _predict(args: argparse.Namespace) -> None:
     predict_folder(
         args.model_dir, args.data_root, args.output, device=args.device, precision=args.precision, scanners=args.scanner
     )
+
+
+def _probe(args: argparse.Namespace) -> None:
+    import json
+
+    from training.probe import probe
+
+    results = probe(args.model_dir, args.data_root, args.scanner, args.device)
+    columns = ("mean_prob", "sensitivity", "specificity", "balanced_accuracy", "roc_auc")
+    print(f"{'rendering':18}" + "".join(f"{c:>19}" for c in columns))
+    for name, row in results.items():
+        print(f"{name:18}" + "".join(f"{row[c]:>19.3f}" for c in columns))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -158,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scanner", action="append", metavar="SCANNER",
                    help="score only this scanner's figures (repeat for more)")  # fmt: skip
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("probe", help="how an exported model's scores move when the figures are rendered otherwise "
+                       "(JPEG, noise, tone, focus, pixel size): candidates for an unseen scanner's shift")  # fmt: skip
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--data-root", type=Path, required=True)
+    p.add_argument("--scanner", action="append", metavar="SCANNER", help="probe only this scanner's figures")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="cpu")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    p.set_defaults(func=_probe)
 
     p = sub.add_parser("evaluate", help="the challenge's figures for a predictions CSV, pooled and per domain")
     p.add_argument("--predictions", type=Path, required=True, help="image_id, label, prob_atypical, pred, domain")

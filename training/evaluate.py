@@ -9,7 +9,7 @@ bootstrap interval of the balanced accuracy, resampling figures with a seeded ge
 And, pooled and per domain, an oracle: the threshold that would maximize balanced accuracy on those very figures
 and the balanced accuracy it reaches. Set against the figures at the threshold fixed in advance, it shows how much
 a domain loses to calibration shift (an unseen scanner moving every probability up or down) rather than to
-ranking (its AUC).
+ranking (its AUC); each class's mean probability shows the shift itself.
 """
 
 from __future__ import annotations
@@ -78,6 +78,10 @@ def figures(label: np.ndarray, pred: np.ndarray, prob: np.ndarray) -> dict[str, 
         "roc_auc": float(roc_auc_score(label, prob)) if both_classes else math.nan,
         "oracle_threshold": oracle,
         "oracle_balanced_accuracy": balanced_accuracy(label, prob >= oracle) if both_classes else math.nan,
+        # each class's mean probability: a domain whose figures of both classes score higher than elsewhere is
+        # miscalibrated, not misranked
+        "mean_prob_normal": float(prob[~positive].mean()) if (~positive).any() else math.nan,
+        "mean_prob_atypical": float(prob[positive].mean()) if positive.any() else math.nan,
         "n": len(label),
     }
 
@@ -107,8 +111,9 @@ def evaluate(preds: dict[str, np.ndarray], resamples: int = BOOTSTRAP_RESAMPLES,
 
 def table(result: dict) -> str:
     keys = ("balanced_accuracy", "sensitivity", "specificity", "accuracy", "roc_auc", "oracle_threshold",
-            "oracle_balanced_accuracy", "n")  # fmt: skip
-    header = {"oracle_balanced_accuracy": "oracle_BA"}
+            "oracle_balanced_accuracy", "mean_prob_normal", "mean_prob_atypical", "n")  # fmt: skip
+    header = {"oracle_balanced_accuracy": "oracle_BA", "mean_prob_normal": "meanP_normal",
+              "mean_prob_atypical": "meanP_atypical"}  # fmt: skip
     lines = [f"{'':24}" + "".join(f"{header.get(k, k)[:17]:>18}" for k in keys)]
     for name, figs in [("all", result), *result["domains"].items()]:
         lines.append(f"{name[:24]:24}" + "".join(f"{figs[k]:>18.4f}" if k != "n" else f"{figs[k]:>18d}" for k in keys))

@@ -6,25 +6,35 @@ import csv
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from contracts import classify
 from process import OnnxEnsemble
-from training.data import decode_figures, on_scanners, read_dataset, scanner_pixel_sizes
+from training.data import Figure, decode_figures, on_scanners, read_dataset, scanner_pixel_sizes
 from training.evaluate import PREDICTION_COLUMNS
 
 log = logging.getLogger(__name__)
 
 
-def predict_folder(model_dir: Path, data_root: Path, output: Path, device: str = "auto", batch: int = 64,
-                   precision: str | None = None, scanners: list[str] | None = None) -> None:  # fmt: skip
-    """``precision`` None: the graph the manifest serves on the device, as the container runs it. ``scanners``:
-    score only their figures (a run's held-out scanners). Each figure's pixel size is its scanner's, as a case's
-    file records its own."""
+ScoredFigures = tuple[list[Figure], np.ndarray, list[float | None]]
+
+
+def scored_figures(data_root: Path, scanners: list[str] | None = None) -> ScoredFigures:
+    """A dataset folder's figures (only the named scanners' if given), their decoded pixels, and each one's pixel
+    size as its scanner records it, as a case's file records its own."""
     figures = read_dataset(data_root)
     if scanners:
         figures = [f for f, keep in zip(figures, on_scanners(figures, scanners), strict=True) if keep]
-    pixels = decode_figures(figures)
+    return figures, decode_figures(figures), scanner_pixel_sizes(figures)
+
+
+def predict_folder(model_dir: Path, data_root: Path, output: Path, device: str = "auto", batch: int = 64,
+                   precision: str | None = None, scanners: list[str] | None = None) -> None:  # fmt: skip
+    """``precision`` None: the graph the manifest serves on the device, as the container runs it. ``scanners``:
+    score only their figures (a run's held-out scanners)."""
+    figures, pixels, pixel_sizes = scored_figures(data_root, scanners)
     ensemble = OnnxEnsemble(model_dir, device, precision=precision)
-    probs = ensemble.predict(list(pixels), max_batch=batch, pixel_sizes_um=scanner_pixel_sizes(figures))
+    probs = ensemble.predict(list(pixels), max_batch=batch, pixel_sizes_um=pixel_sizes)
     output.parent.mkdir(parents=True, exist_ok=True)
     with output.open("w", newline="") as f:
         writer = csv.writer(f)

@@ -9,7 +9,7 @@ import pytest
 from conftest import red_mean_model, run_cli
 
 from training.data import read_dataset
-from training.metrics import summarize
+from training.evaluate import figures as classification_figures
 from training.probe import RENDERINGS, as_jpeg, defocused, probe, stained, with_gamma, with_noise
 from training.synthetic import synthetic_figures, write_midog25
 
@@ -59,13 +59,13 @@ def test_probe_moves_a_known_model_as_each_rendering_should(dataset, tmp_path):
     # as scanned: each figure resampled from its scanner's pixel size to the model's 0.23 um/px, its mean red
     red = at_pixel_size(figures, pixels, 0.23)[..., 0].mean(axis=(1, 2)) / 255
     scanned = results["as scanned"]
-    assert scanned == pytest.approx({**summarize([f.label for f in figures], red, 0.5), "mean_prob": red.mean()},
-                                    abs=1e-5)  # fmt: skip
-    assert results["gamma 0.8"]["mean_prob"] > scanned["mean_prob"] + 0.02
-    assert results["gamma 1.25"]["mean_prob"] < scanned["mean_prob"] - 0.02
+    labels = np.array([f.label for f in figures])
+    assert scanned == pytest.approx(classification_figures(labels, (red >= 0.5).astype(int), red), abs=1e-5)
+    assert results["gamma 0.8"]["mean_prob_normal"] > scanned["mean_prob_normal"] + 0.02
+    assert results["gamma 1.25"]["mean_prob_normal"] < scanned["mean_prob_normal"] - 0.02
     for name in ("JPEG quality 75", "JPEG quality 50", "noise sd 4", "defocus 0.7 px"):  # the mean red barely moves
-        assert results[name]["mean_prob"] == pytest.approx(scanned["mean_prob"], abs=0.01)
-    assert all(row["n"] == len(figures) and row["threshold"] == 0.5 for row in results.values())
+        assert results[name]["mean_prob_normal"] == pytest.approx(scanned["mean_prob_normal"], abs=0.01)
+    assert all(row["n"] == len(figures) for row in results.values())
 
 
 def test_cli_prints_every_rendering_and_writes_json(dataset, tmp_path):

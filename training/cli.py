@@ -75,7 +75,7 @@ def _probe(args: argparse.Namespace) -> None:
     from training.probe import probe
 
     results = probe(args.model_dir, args.data_root, args.scanner, args.device)
-    columns = ("mean_prob", "sensitivity", "specificity", "balanced_accuracy", "roc_auc")
+    columns = ("mean_prob_normal", "mean_prob_atypical", "sensitivity", "specificity", "balanced_accuracy", "roc_auc")
     print(f"{'rendering':18}" + "".join(f"{c:>19}" for c in columns))
     for name, row in results.items():
         print(f"{name:18}" + "".join(f"{row[c]:>19.3f}" for c in columns))

@@ -5,9 +5,10 @@ at any threshold fixed in advance even where its ranking (AUC) holds. ``probe`` 
 could be the cause. It serves a dataset's figures through the container's inference path, as ``predict`` does,
 once as scanned and once per rendering: JPEG compression, sensor noise, a tone curve, one stain stronger,
 defocus, and a pixel size recorded 8% too small or too large (so the figure is resampled to a wrong scale). For
-each it reports the mean P(atypical), sensitivity, specificity and balanced accuracy at the manifest's threshold,
-and AUC. A rendering that moves the mean probability the way the unseen scanner's shift did is a candidate cause;
-if none does, the shift is not of these kinds (what the figures show, for one, can differ between scanners' cases).
+each it reports what ``evaluate`` does, at the manifest's threshold: each class's mean P(atypical), sensitivity,
+specificity, balanced accuracy, AUC. A rendering that moves the class means the way the unseen scanner's shift
+did is a candidate cause; if none does, the shift is not of these kinds (what the figures show, for one, can
+differ between scanners' cases).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from contracts import classify
 from process import OnnxEnsemble
-from training.metrics import summarize
+from training.evaluate import figures as classification_figures
 from training.predict import scored_figures
 from training.train import HED_FROM_RGB, RGB_FROM_HED
 
@@ -104,9 +106,9 @@ RENDERINGS = (
 
 def probe(model_dir: Path, data_root: Path, scanners: list[str] | None = None, device: str = "cpu",
           seed: int = 0) -> dict[str, dict[str, float]]:  # fmt: skip
-    """Per rendering (``RENDERINGS``, in order): the figures of :func:`summarize` at the manifest's threshold and
-    ``mean_prob``. Every rendering draws from its own generator seeded with ``seed``: reruns agree. A figure whose
-    scanner has no known pixel size is served as it is, so the pixel-size renderings leave it unchanged."""
+    """Per rendering (``RENDERINGS``, in order): ``evaluate``'s figures (each class's mean probability among them)
+    at the manifest's threshold. Every rendering draws from its own generator seeded with ``seed``: reruns agree.
+    A figure whose scanner has no known pixel size is served as it is: the pixel-size renderings leave it be."""
     figures, pixels, sizes = scored_figures(data_root, scanners)
     labels = np.array([f.label for f in figures])
     ensemble = OnnxEnsemble(model_dir, device)
@@ -116,7 +118,8 @@ def probe(model_dir: Path, data_root: Path, scanners: list[str] | None = None, d
         pages = [rendering.render(p, rng) for p in pixels] if rendering.render else list(pixels)
         served_sizes = [None if s is None else s * rendering.pixel_size_factor for s in sizes]
         probs = ensemble.predict(pages, pixel_sizes_um=served_sizes)
-        results[rendering.name] = {**summarize(labels, probs, ensemble.manifest.threshold),
-                                   "mean_prob": float(probs.mean())}  # fmt: skip
-        log.info("%s: mean P %.3f, BA %.3f", rendering.name, probs.mean(), results[rendering.name]["balanced_accuracy"])
+        preds = np.array([classify(float(p), ensemble.manifest.threshold) == "atypical" for p in probs], dtype=int)
+        results[rendering.name] = row = classification_figures(labels, preds, probs)
+        log.info("%s: mean P normal %.3f, atypical %.3f; BA %.3f", rendering.name, row["mean_prob_normal"],
+                 row["mean_prob_atypical"], row["balanced_accuracy"])  # fmt: skip
     return results

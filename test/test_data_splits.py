@@ -56,6 +56,8 @@ def test_describe_shows_the_real_scanners_differ_most_in_sharpness(breast_subset
     assert detail["Aperio CS2"] > 1.4 * detail["Hamamatsu S360"] and detail["Hamamatsu XR"] > detail["Hamamatsu S360"]
     mid = {d: v["mid_band_rms"] for d, v in domains.items()}  # what is left once the detail band is equalized
     assert mid["Aperio CS2"] > 1.05 * mid["Hamamatsu S360"]
+    grid = {d: v["jpeg_grid"] for d, v in domains.items()}  # both Hamamatsu scanners store JPEG blocks
+    assert grid["Hamamatsu S360"] > grid["Hamamatsu XR"] > 1.15 and 1.0 < grid["Aperio CS2"] < 1.1
     xr = [f for f in breast_subset if f.scanner == "Hamamatsu XR"]
     gray = decode_figures(xr).astype(np.float64).mean(axis=-1)  # independently: neighbour differences, by hand
     by_hand = np.mean([np.abs(g[1:] - g[:-1]).mean() + np.abs(g[:, 1:] - g[:, :-1]).mean() for g in gray])

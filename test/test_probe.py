@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import red_mean_model, run_cli
 
-from training.data import read_dataset
+from training.data import jpeg_grid, read_dataset
 from training.evaluate import figures as classification_figures
 from training.probe import RENDERINGS, as_jpeg, defocused, probe, stained, with_gamma, with_noise
 from training.synthetic import synthetic_figures, write_midog25
@@ -41,10 +41,12 @@ def test_renderings_are_seeded_keep_the_page_and_change_it_as_named():
     assert sharpness[1] < 0.9 * sharpness[0]
     noise = with_noise(4.0)(page, np.random.default_rng(1)).astype(float) - page
     assert 3.5 < noise.std() < 4.5
-    # JPEG: close to the page, and its grid lies at another offset under another seed
+    # JPEG: close to the page, with a block grid that describe's measure finds, at another offset per seed
     jpegs = [as_jpeg(50)(page, np.random.default_rng(s)) for s in range(4)]
     assert all(np.abs(j.astype(float) - page).mean() < 4 for j in jpegs)
     assert len({j.tobytes() for j in jpegs}) > 1
+    grid = jpeg_grid(np.stack([page, *jpegs]).astype(np.float32).mean(axis=-1))
+    assert grid[0] < 1.1 and (grid[1:] > 1.2).all()
 
 
 def test_probe_moves_a_known_model_as_each_rendering_should(dataset, tmp_path):

@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("tiff", "tif", "mha"), default="tiff")
     p.set_defaults(func=_case)
 
-    p = sub.add_parser("describe", help="per scanner: figures, atypical share, mean colour, sharpness")
+    p = sub.add_parser("describe", help="per scanner: figures, atypical share, mean colour, sharpness, "
+                       "detail and mid band, JPEG block grid")  # fmt: skip
     p.add_argument("--data-root", type=Path, nargs="+", required=True)
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--pixel-size-um", type=float, help="describe the figures resampled to this pixel size, as a "

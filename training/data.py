@@ -327,18 +327,35 @@ def decode_figures(figures: list[Figure], cache_dir: Path | None = None) -> np.n
     return pixels
 
 
+JPEG_BLOCK = 8  # JPEG compresses 8x8-pixel blocks: a scanner that stores tiles as JPEG leaves this grid
+
+
+def jpeg_grid(gray: np.ndarray) -> np.ndarray:
+    """float [N, H, W] -> [N]: how much stronger the differences between neighbouring pixels are on the strongest
+    of the 8 pixel phases than on the median one, across and down, averaged: 1.0 where there is no JPEG block grid.
+    A crop-out lies on the grid at any offset, so the phase is found, not assumed."""
+    ratios = []
+    for axis in (1, 2):
+        per_boundary = np.abs(np.diff(gray, axis=axis)).mean(axis=3 - axis)  # [N, boundaries]
+        phases = np.stack([per_boundary[:, p::JPEG_BLOCK].mean(axis=1) for p in range(JPEG_BLOCK)], axis=1)
+        ratios.append(phases.max(axis=1) / np.median(phases, axis=1))
+    return (ratios[0] + ratios[1]) / 2
+
+
 def describe_domains(figures: list[Figure], pixels: np.ndarray) -> dict[str, dict[str, float]]:
     """Per scanner: figures, atypical share, mean RGB, sharpness (the mean absolute difference between
     neighbouring pixels of the gray image, across and down), the detail band's RMS after channel standardization
     (what the model's standardize_detail equalizes) and the mid band's RMS once the detail band is equalized too
-    (what standardize_mid_band equalizes). How a dataset's domains differ, so augmentation and the model's input
-    can cover it: on the breast subset the scanners differ most in sharpness."""
+    (what standardize_mid_band equalizes), and the strength of a JPEG block grid (:func:`jpeg_grid`). How a
+    dataset's domains differ, so augmentation and the model's input can cover it: on the breast subset the
+    scanners differ most in sharpness."""
     import torch
 
     from training.model import band_rms, detail_rms, equalize_detail, mid_band, standardize_channels
 
     gray = pixels.astype(np.float32).mean(axis=-1)
     sharpness = np.abs(np.diff(gray, axis=1)).mean(axis=(1, 2)) + np.abs(np.diff(gray, axis=2)).mean(axis=(1, 2))
+    grid = jpeg_grid(gray)
     detail, mid = [], []
     with torch.no_grad():
         for chunk in np.array_split(pixels, max(1, len(pixels) // 256)):
@@ -354,5 +371,6 @@ def describe_domains(figures: list[Figure], pixels: np.ndarray) -> dict[str, dic
         red, green, blue = (float(c) for c in pixels[m].reshape(-1, 3).mean(axis=0))
         result[scanner] = {"figures": int(m.sum()), "atypical_share": float(labels[m].mean()), "red": red,
                            "green": green, "blue": blue, "sharpness": float(sharpness[m].mean()),
-                           "detail_rms": float(detail[m].mean()), "mid_band_rms": float(mid[m].mean())}  # fmt: skip
+                           "detail_rms": float(detail[m].mean()), "mid_band_rms": float(mid[m].mean()),
+                           "jpeg_grid": float(grid[m].mean())}  # fmt: skip
     return result

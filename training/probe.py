@@ -24,13 +24,12 @@ from PIL import Image, ImageFilter
 
 from contracts import classify
 from process import OnnxEnsemble
+from training.data import JPEG_BLOCK
 from training.evaluate import figures as classification_figures
 from training.predict import scored_figures
 from training.train import HED_FROM_RGB, RGB_FROM_HED
 
 log = logging.getLogger(__name__)
-
-JPEG_BLOCK = 8  # the compression grid; a crop-out lies on it at any offset
 
 
 def as_jpeg(quality: int) -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:

@@ -38,7 +38,9 @@ def independent(label, prob, pred):
         "specificity": recall_score(label, pred, pos_label=0),
         "accuracy": accuracy_score(label, pred),
         "roc_auc": roc_auc_score(label, prob) if both else None,
-        "mean_prob_normal": float(np.mean([p for p, y in zip(prob, label, strict=True) if y == 0])),
+        "mean_prob_normal": float(np.mean([p for p, y in zip(prob, label, strict=True) if y == 0]))
+        if (label == 0).any()
+        else None,
         "mean_prob_atypical": float(np.mean([p for p, y in zip(prob, label, strict=True) if y == 1]))
         if label.any()
         else None,
@@ -65,6 +67,15 @@ def test_every_figure_matches_an_independent_computation(predictions_csv):
         assert figs["oracle_balanced_accuracy"] >= figs["balanced_accuracy"]
     at_oracle = balanced_accuracy_score(label, prob >= result["oracle_threshold"])
     assert abs(at_oracle - result["oracle_balanced_accuracy"]) < 1e-9
+
+
+def test_a_domain_with_one_class_has_no_mean_for_the_other():
+    from training.evaluate import figures
+
+    only_atypical = figures(np.array([1, 1]), np.array([1, 0]), np.array([0.9, 0.3]))
+    assert np.isnan(only_atypical["mean_prob_normal"]) and only_atypical["mean_prob_atypical"] == pytest.approx(0.6)
+    only_normal = figures(np.array([0, 0, 0]), np.array([0, 0, 1]), np.array([0.1, 0.2, 0.6]))
+    assert np.isnan(only_normal["mean_prob_atypical"]) and only_normal["mean_prob_normal"] == pytest.approx(0.3)
 
 
 def test_cli_prints_a_table_and_writes_json(predictions_csv, tmp_path):

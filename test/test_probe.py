@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import red_mean_model, run_cli
 
+from contracts import resample_to_pixel_size
 from training.data import jpeg_grid, read_dataset
 from training.evaluate import figures as classification_figures
 from training.probe import RENDERINGS, as_jpeg, defocused, probe, stained, with_gamma, with_noise
@@ -52,12 +53,12 @@ def test_renderings_are_seeded_keep_the_page_and_change_it_as_named():
 def test_probe_moves_a_known_model_as_each_rendering_should(dataset, tmp_path):
     """The red-mean model's P(atypical) is a page's mean red / 255: what each rendering does to it is known."""
     from training.data import at_pixel_size
-    from training.predict import scored_figures
+    from training.predict import figures_to_score
 
     model = red_mean_model(tmp_path / "model", pixel_size_um=0.23)
     results = probe(model, dataset)
     assert list(results) == [r.name for r in RENDERINGS]
-    figures, pixels, _ = scored_figures(dataset)
+    figures, pixels, _ = figures_to_score(dataset)
     # as scanned: each figure resampled from its scanner's pixel size to the model's 0.23 um/px, its mean red
     red = at_pixel_size(figures, pixels, 0.23)[..., 0].mean(axis=(1, 2)) / 255
     scanned = results["as scanned"]
@@ -65,6 +66,16 @@ def test_probe_moves_a_known_model_as_each_rendering_should(dataset, tmp_path):
     assert scanned == pytest.approx(classification_figures(labels, (red >= 0.5).astype(int), red), abs=1e-5)
     assert results["gamma 0.8"]["mean_prob_normal"] > scanned["mean_prob_normal"] + 0.02
     assert results["gamma 1.25"]["mean_prob_normal"] < scanned["mean_prob_normal"] - 0.02
+    # more hematoxylin darkens red most of the three channels, more eosin barely (it absorbs green)
+    assert results["hematoxylin x1.2"]["mean_prob_normal"] < scanned["mean_prob_normal"] - 0.01
+    assert results["eosin x1.2"]["mean_prob_normal"] == pytest.approx(scanned["mean_prob_normal"], abs=0.01)
+    # a pixel size recorded 8% off: each figure served as if scanned at that size, resampled from it to 0.23
+    _, _, sizes = figures_to_score(dataset)
+    for name, factor in (("pixel size -8%", 0.92), ("pixel size +8%", 1.08)):
+        red = np.array([resample_to_pixel_size(p[None], s * factor, 0.23)[0, ..., 0].mean() / 255
+                        for p, s in zip(pixels, sizes, strict=True)])  # fmt: skip
+        assert results[name] == pytest.approx(classification_figures(labels, (red >= 0.5).astype(int), red), abs=1e-5)
+        assert results[name]["mean_prob_normal"] != scanned["mean_prob_normal"]
     for name in ("JPEG quality 75", "JPEG quality 50", "noise sd 4", "defocus 0.7 px"):  # the mean red barely moves
         assert results[name]["mean_prob_normal"] == pytest.approx(scanned["mean_prob_normal"], abs=0.01)
     assert all(row["n"] == len(figures) for row in results.values())

@@ -72,6 +72,7 @@ def _predict(args: argparse.Namespace) -> None:
 def _probe(args: argparse.Namespace) -> None:
     import json
 
+    from training.evaluate import nan_as_null
     from training.probe import probe
 
     results = probe(args.model_dir, args.data_root, args.scanner, args.device)
@@ -80,7 +81,7 @@ def _probe(args: argparse.Namespace) -> None:
     for name, row in results.items():
         print(f"{name:18}" + "".join(f"{row[c]:>19.3f}" for c in columns))
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
+        args.json.write_text(json.dumps(nan_as_null(results), indent=1, allow_nan=False) + "\n")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -174,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score only this scanner's figures (repeat for more)")  # fmt: skip
     p.set_defaults(func=_predict)
 
-    p = sub.add_parser("probe", help="how an exported model's scores move when the figures are rendered otherwise "
-                       "(JPEG, noise, tone, focus, pixel size): candidates for an unseen scanner's shift")  # fmt: skip
+    p = sub.add_parser("probe", help="an exported model's scores with the figures rendered otherwise (JPEG, noise, "
+                       "tone, stain, focus, pixel size): what an unseen scanner's shift could be")  # fmt: skip
     p.add_argument("model_dir", type=Path)
     p.add_argument("--data-root", type=Path, required=True)
     p.add_argument("--scanner", action="append", metavar="SCANNER", help="probe only this scanner's figures")

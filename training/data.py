@@ -332,8 +332,9 @@ JPEG_BLOCK = 8  # JPEG compresses 8x8-pixel blocks: a scanner that stores tiles 
 
 def jpeg_grid(gray: np.ndarray) -> np.ndarray:
     """float [N, H, W] -> [N]: how much stronger the differences between neighbouring pixels are on the strongest
-    of the 8 pixel phases than on the median one, across and down, averaged: 1.0 where there is no JPEG block grid.
-    A crop-out lies on the grid at any offset, so the phase is found, not assumed."""
+    of the 8 pixel phases than on the median one, across and down, averaged. A crop-out lies on the grid at any
+    offset, so the phase is found, not assumed; hence even a figure without a JPEG block grid scores a little above
+    1 (its strongest phase beats the median by chance)."""
     ratios = []
     for axis in (1, 2):
         per_boundary = np.abs(np.diff(gray, axis=axis)).mean(axis=3 - axis)  # [N, boundaries]

@@ -60,8 +60,9 @@ def read_predictions(path: Path, threshold: float | None = None,
     }
 
 
-def _rate(hits: np.ndarray, mask: np.ndarray) -> float:
-    return float(hits[mask].mean()) if mask.any() else math.nan
+def _rate(values: np.ndarray, mask: np.ndarray) -> float:
+    """The mean of ``values`` where ``mask`` holds (NaN where it never does)."""
+    return float(values[mask].mean()) if mask.any() else math.nan
 
 
 def figures(label: np.ndarray, pred: np.ndarray, prob: np.ndarray) -> dict[str, float]:
@@ -80,8 +81,8 @@ def figures(label: np.ndarray, pred: np.ndarray, prob: np.ndarray) -> dict[str, 
         "oracle_balanced_accuracy": balanced_accuracy(label, prob >= oracle) if both_classes else math.nan,
         # each class's mean probability: a domain whose figures of both classes score higher than elsewhere is
         # miscalibrated, not misranked
-        "mean_prob_normal": float(prob[~positive].mean()) if (~positive).any() else math.nan,
-        "mean_prob_atypical": float(prob[positive].mean()) if positive.any() else math.nan,
+        "mean_prob_normal": _rate(prob, ~positive),
+        "mean_prob_atypical": _rate(prob, positive),
         "n": len(label),
     }
 
@@ -127,15 +128,15 @@ def evaluate_file(path: Path, json_out: Path | None = None, threshold: float | N
     result = evaluate(read_predictions(path, threshold, column))
     print(table(result))  # the report is this command's output
     if json_out is not None:
-        json_out.write_text(json.dumps(_nan_as_null(result), indent=1, allow_nan=False) + "\n")
+        json_out.write_text(json.dumps(nan_as_null(result), indent=1, allow_nan=False) + "\n")
         log.info("wrote %s", json_out)
     return result
 
 
-def _nan_as_null(value):
+def nan_as_null(value):
     """NaN (the AUC of a domain with one class) is not JSON: null instead."""
     if isinstance(value, dict):
-        return {k: _nan_as_null(v) for k, v in value.items()}
+        return {k: nan_as_null(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_nan_as_null(v) for v in value]
+        return [nan_as_null(v) for v in value]
     return None if isinstance(value, float) and math.isnan(value) else value

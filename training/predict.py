@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 ScoredFigures = tuple[list[Figure], np.ndarray, list[float | None]]
 
 
-def scored_figures(data_root: Path, scanners: list[str] | None = None) -> ScoredFigures:
+def figures_to_score(data_root: Path, scanners: list[str] | None = None) -> ScoredFigures:
     """A dataset folder's figures (only the named scanners' if given), their decoded pixels, and each one's pixel
     size as its scanner records it, as a case's file records its own."""
     figures = read_dataset(data_root)
@@ -32,7 +32,7 @@ def predict_folder(model_dir: Path, data_root: Path, output: Path, device: str =
                    precision: str | None = None, scanners: list[str] | None = None) -> None:  # fmt: skip
     """``precision`` None: the graph the manifest serves on the device, as the container runs it. ``scanners``:
     score only their figures (a run's held-out scanners)."""
-    figures, pixels, pixel_sizes = scored_figures(data_root, scanners)
+    figures, pixels, pixel_sizes = figures_to_score(data_root, scanners)
     ensemble = OnnxEnsemble(model_dir, device, precision=precision)
     probs = ensemble.predict(list(pixels), max_batch=batch, pixel_sizes_um=pixel_sizes)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ from contracts import classify
 from process import OnnxEnsemble
 from training.data import JPEG_BLOCK
 from training.evaluate import figures as classification_figures
-from training.predict import scored_figures
+from training.predict import figures_to_score
 from training.train import HED_FROM_RGB, RGB_FROM_HED
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def probe(model_dir: Path, data_root: Path, scanners: list[str] | None = None, d
     """Per rendering (``RENDERINGS``, in order): ``evaluate``'s figures (each class's mean probability among them)
     at the manifest's threshold. Every rendering draws from its own generator seeded with ``seed``: reruns agree.
     A figure whose scanner has no known pixel size is served as it is: the pixel-size renderings leave it be."""
-    figures, pixels, sizes = scored_figures(data_root, scanners)
+    figures, pixels, sizes = figures_to_score(data_root, scanners)
     labels = np.array([f.label for f in figures])
     ensemble = OnnxEnsemble(model_dir, device)
     results = {}

@@ -58,7 +58,7 @@ def test_probe_moves_a_known_model_as_each_rendering_should(dataset, tmp_path):
     model = red_mean_model(tmp_path / "model", pixel_size_um=0.23)
     results = probe(model, dataset)
     assert list(results) == [r.name for r in RENDERINGS]
-    figures, pixels, _ = figures_to_score(dataset)
+    figures, pixels, sizes = figures_to_score(dataset)
     # as scanned: each figure resampled from its scanner's pixel size to the model's 0.23 um/px, its mean red
     red = at_pixel_size(figures, pixels, 0.23)[..., 0].mean(axis=(1, 2)) / 255
     scanned = results["as scanned"]
@@ -70,7 +70,6 @@ def test_probe_moves_a_known_model_as_each_rendering_should(dataset, tmp_path):
     assert results["hematoxylin x1.2"]["mean_prob_normal"] < scanned["mean_prob_normal"] - 0.01
     assert results["eosin x1.2"]["mean_prob_normal"] == pytest.approx(scanned["mean_prob_normal"], abs=0.01)
     # a pixel size recorded 8% off: each figure served as if scanned at that size, resampled from it to 0.23
-    _, _, sizes = figures_to_score(dataset)
     for name, factor in (("pixel size -8%", 0.92), ("pixel size +8%", 1.08)):
         red = np.array([resample_to_pixel_size(p[None], s * factor, 0.23)[0, ..., 0].mean() / 255
                         for p, s in zip(pixels, sizes, strict=True)])  # fmt: skip

@@ -16,10 +16,10 @@ from training.evaluate import PREDICTION_COLUMNS
 log = logging.getLogger(__name__)
 
 
-ScoredFigures = tuple[list[Figure], np.ndarray, list[float | None]]
+FiguresToScore = tuple[list[Figure], np.ndarray, list[float | None]]
 
 
-def figures_to_score(data_root: Path, scanners: list[str] | None = None) -> ScoredFigures:
+def figures_to_score(data_root: Path, scanners: list[str] | None = None) -> FiguresToScore:
     """A dataset folder's figures (only the named scanners' if given), their decoded pixels, and each one's pixel
     size as its scanner records it, as a case's file records its own."""
     figures = read_dataset(data_root)

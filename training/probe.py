@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageFilter
 
 from contracts import classify
@@ -27,7 +28,7 @@ from process import OnnxEnsemble
 from training.data import JPEG_BLOCK
 from training.evaluate import figures as classification_figures
 from training.predict import figures_to_score
-from training.train import HED_FROM_RGB, RGB_FROM_HED
+from training.train import rescale_stains
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +65,11 @@ def with_gamma(gamma: float) -> Callable[[np.ndarray, np.random.Generator], np.n
 def stained(stain: int, factor: float) -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:
     """Scale one stain's optical density by ``factor`` (0 hematoxylin, 1 eosin), by the colour deconvolution of
     training's stain jitter: a lab's staining, or a scanner's colour response, stronger in one stain."""
-    scale = np.ones(3)
-    scale[stain] = factor
-    hed_from_rgb, rgb_from_hed = HED_FROM_RGB.double().numpy(), RGB_FROM_HED.double().numpy()
+    alpha = torch.ones(3, dtype=torch.float64)
+    alpha[stain] = factor
 
     def render(page: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        density = -np.log((page.astype(np.float64) + 1) / 256)
-        density = (density @ hed_from_rgb * scale) @ rgb_from_hed
-        return np.clip(256 * np.exp(-density) - 1, 0, 255).round().astype(np.uint8)
+        return rescale_stains(torch.from_numpy(page.astype(np.float64)), alpha).numpy().round().astype(np.uint8)
 
     return render
 

@@ -76,18 +76,24 @@ def augment_d4(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.stack(out)
 
 
+def rescale_stains(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Colour deconvolution and back: each stain's optical density (hematoxylin, eosin, DAB) times ``alpha`` plus
+    ``beta``, both broadcast against [..., 3]. Float [..., H, W, 3] in [0, 255] in, the same dtype out, clamped to
+    [0, 255]."""
+    od = -torch.log((x + 1) / 256)
+    od = ((od @ HED_FROM_RGB.to(x.dtype)) * alpha + beta) @ RGB_FROM_HED.to(x.dtype)
+    return (256 * torch.exp(-od) - 1).clamp(0, 255)
+
+
 def augment_stain(batch: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
     """HED jitter: scale and shift each stain's optical density per image, as labs and scanners differ.
 
     [N, H, W, 3] uint8 in, float in [0, 255] out (``Preprocess`` takes either).
     """
-    od = -torch.log((batch.float() + 1) / 256)
-    concentrations = od @ HED_FROM_RGB
     n = len(batch)
     alpha = 1 + (torch.rand(n, 1, 1, 3, generator=generator) * 2 - 1) * strength
     beta = (torch.rand(n, 1, 1, 3, generator=generator) * 2 - 1) * strength
-    od = (concentrations * alpha + beta) @ RGB_FROM_HED
-    return (256 * torch.exp(-od) - 1).clamp(0, 255)
+    return rescale_stains(batch.float(), alpha, beta)
 
 
 def augment_color(batch: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:

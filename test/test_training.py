@@ -9,7 +9,7 @@ import torch
 from conftest import DEMO_CONFIG
 
 import training.train as train_module
-from training.config import load_config
+from training.config import load_config, save_config
 from training.data import read_midog25
 from training.export import export_run
 from training.synthetic import write_midog25
@@ -246,6 +246,38 @@ def test_a_config_states_only_what_it_changes_from_its_base(tmp_path):
     (tmp_path / "number.yaml").write_text("base: 3\n")
     with pytest.raises(ValueError, match="'base' names another config file"):
         load_config(tmp_path / "number.yaml")
+
+
+def test_the_training_length_is_stated_once_in_epochs_or_steps_and_a_later_layer_replaces_it(tmp_path):
+    in_steps = load_config(DEMO_CONFIG, {"steps": 50})
+    assert (in_steps.epochs, in_steps.steps) == (None, 50)
+    (tmp_path / "steps.yaml").write_text(f"base: {DEMO_CONFIG}\nname: steps\nsteps: 50\n")
+    assert load_config(tmp_path / "steps.yaml").steps == 50  # over a base in epochs
+    again = load_config(tmp_path / "steps.yaml", {"epochs": 3})  # train --epochs 3
+    assert (again.epochs, again.steps) == (3, None)
+    save_config(in_steps, tmp_path / "saved.yaml")  # a run folder's config reloads as it was saved
+    assert load_config(tmp_path / "saved.yaml") == in_steps
+    (tmp_path / "both.yaml").write_text("name: both\nbackbone: tiny-virchow\nepochs: 3\nsteps: 50\n")
+    with pytest.raises(ValueError, match="epochs or steps"):
+        load_config(tmp_path / "both.yaml")
+    with pytest.raises(ValueError, match="epochs or steps"):
+        load_config(DEMO_CONFIG, {"epochs": None})
+
+
+def test_a_length_in_steps_gives_a_fold_with_fewer_figures_more_epochs(small_data, tmp_path):
+    """Held out or not, every fold trains about as many steps; a length in epochs would shrink with the data."""
+    cfg = load_config(DEMO_CONFIG, {"steps": 7, "batch_size": 16, "validate_every": 100, "selection": "last"})
+    epochs = {}
+    for name, held_out in (("all", []), ("held-out", ["Aperio CS2"])):
+        run = tmp_path / name
+        train_run(cfg.model_copy(update={"hold_out_scanners": held_out}), [small_data], run, folds=[0])
+        best = json.loads((run / "fold_0" / "best.json").read_text())
+        steps_per_epoch = -(-best["n_train"] // 16)
+        epochs[name] = best["epoch"]
+        assert best["epoch"] == -(-7 // steps_per_epoch)  # whole epochs, the last one reaching the 7th step
+        with (run / "fold_0" / "log.csv").open() as f:
+            assert len(list(csv.DictReader(f))) == best["epoch"]
+    assert epochs["held-out"] > epochs["all"]
 
 
 def test_shift_scale_and_blur():

@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, required=True, help="run folder")
     p.add_argument("--cache-dir", type=Path, help="keep the decoded patches here between runs")
     p.add_argument("--fold", type=int, help="train only this fold (folds as independent jobs)")
-    p.add_argument("--epochs", type=int, help="override the config's epochs")
+    p.add_argument("--epochs", type=int, help="train this many epochs instead of the config's length (epochs or steps)")
     p.add_argument("--seed", type=int, help="override the config's seed (run-to-run spread)")
     p.add_argument("--hold-out-scanner", action="append", metavar="SCANNER",
                    help="leave its figures out of every fold (repeat for more; replaces the config's "

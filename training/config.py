@@ -40,7 +40,13 @@ class TrainConfig(_Strict):
     split: Literal["slide", "random", "domain"] = "slide"
     domain: Literal["tumor", "scanner"] = Field("tumor", description="the domain that split: domain leaves out")
     seed: int = 42
-    epochs: int = Field(10, ge=1)
+    epochs: int | None = Field(10, ge=1, description="passes over each fold's training figures (or set steps)")
+    steps: int | None = Field(
+        None,
+        ge=1,
+        description="the training length in optimizer steps instead, rounded up to whole epochs: a fold with fewer "
+        "figures (a scanner held out, a data fraction) takes more passes and trains as long, not for fewer steps",
+    )
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-4, gt=0)
     head_lr: float = Field(1e-3, gt=0, description="the freshly initialized head learns faster than the adapters")
@@ -113,6 +119,19 @@ class TrainConfig(_Strict):
         "pooled", description="maximize BA over pooled out-of-fold figures, or its mean over scanner domains"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _steps_replace_the_default_epochs(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and raw.get("steps") is not None and "epochs" not in raw:
+            return {**raw, "epochs": None}
+        return raw
+
+    @model_validator(mode="after")
+    def _one_training_length(self) -> TrainConfig:
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError("state the training length once: epochs or steps")
+        return self
+
     @field_validator("hold_out_scanners")
     @classmethod
     def _one_spelling_per_scanner(cls, scanners: list[str]) -> list[str]:
@@ -160,6 +179,17 @@ class TrainConfig(_Strict):
         return self
 
 
+TRAINING_LENGTH = ("epochs", "steps")  # two ways to state one thing: a layer that states either replaces both
+
+
+def _layered(lower: dict[str, Any], upper: dict[str, Any]) -> dict[str, Any]:
+    """``upper``'s keys over ``lower``'s; a training length that ``upper`` states, in epochs or in steps, replaces
+    ``lower``'s whichever way that was stated (``--epochs 3`` on a config in steps trains 3 epochs)."""
+    if any(key in upper for key in TRAINING_LENGTH):
+        lower = {k: v for k, v in lower.items() if k not in TRAINING_LENGTH}
+    return {**lower, **upper}
+
+
 def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A config's keys over those of the config its ``base:`` names (relative to it; bases may chain), so a
     variant states only what it changes and cannot drift from what it varies."""
@@ -174,11 +204,11 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         return raw
     if not isinstance(base, str):
         raise ValueError(f"{path}: 'base' names another config file, relative to this one")
-    return {**_read_with_bases(path.parent / base, (*seen, path)), **raw}
+    return _layered(_read_with_bases(path.parent / base, (*seen, path)), raw)
 
 
 def load_config(path: Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    return validated(TrainConfig, {**_read_with_bases(path), **(overrides or {})}, path)
+    return validated(TrainConfig, _layered(_read_with_bases(path), overrides or {}), path)
 
 
 def validated(model: type[Validated], raw: Any, path: Path) -> Validated:

@@ -402,7 +402,9 @@ def train_fold(
     pos_weight = torch.tensor((train_y < 0.5).sum() / max(1.0, (train_y >= 0.5).sum()), device=device)
 
     steps_per_epoch = math.ceil(len(train_x) / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
+    epochs = cfg.epochs or math.ceil(cfg.steps / steps_per_epoch)
+    total_steps = epochs * steps_per_epoch
+    log.info("fold %d: %d epochs of %d steps (%d figures)", fold, epochs, steps_per_epoch, len(train_x))
     warmup = int(cfg.warmup_fraction * total_steps)
     # the best epoch's learned weights and validation probabilities travel in the checkpoint and are written out
     # once, when the fold ends: the fold's files can never disagree with best.json, whenever a kill comes
@@ -421,14 +423,14 @@ def train_fold(
         log.info("fold %d: resuming after epoch %d", fold, state["epoch"])
 
     board = SummaryWriter(fold_dir / "tensorboard") if workers.is_main else None
-    for epoch in range(state["epoch"], cfg.epochs):
+    for epoch in range(state["epoch"], epochs):
         if cfg.patience and epoch - state["best"].get("epoch", 0) >= cfg.patience:
             log.info("fold %d: no better balanced accuracy for %d epochs; stopping early", fold, cfg.patience)
             break
         set_train_mode(model, cfg)
         order = torch.randperm(len(train_x), generator=generator).numpy()
         started, losses = time.perf_counter(), []
-        desc = f"fold {fold} epoch {epoch + 1}/{cfg.epochs}"
+        desc = f"fold {fold} epoch {epoch + 1}/{epochs}"
         for i in (bar := tqdm(range(steps_per_epoch), desc=desc, leave=False, disable=None)):
             step = epoch * steps_per_epoch + i
             idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
@@ -471,7 +473,7 @@ def train_fold(
             bar.set_postfix(loss=f"{np.mean(losses):.3f}")
 
         metrics = None
-        if (epoch + 1) % cfg.validate_every == 0 or epoch + 1 == cfg.epochs:
+        if (epoch + 1) % cfg.validate_every == 0 or epoch + 1 == epochs:
             with average.applied() if average is not None else nullcontext():  # what would be kept
                 val_p = predict_probs(network, preprocess, val_x, cfg.eval_batch_size, device)
                 # every process takes the first one's figures, so that best-epoch and early-stopping decisions

@@ -278,6 +278,12 @@ def test_a_length_in_steps_gives_a_fold_with_fewer_figures_more_epochs(small_dat
         with (run / "fold_0" / "log.csv").open() as f:
             assert len(list(csv.DictReader(f))) == best["epoch"]
     assert epochs["held-out"] > epochs["all"]
+    # rounded up to whole epochs, a length in steps trains exactly what those epochs would
+    in_epochs = cfg.model_copy(update={"steps": None, "epochs": epochs["all"]})
+    train_run(in_epochs, [small_data], tmp_path / "epochs", folds=[0])
+    assert (tmp_path / "epochs" / "fold_0" / "val.csv").read_text() == (
+        tmp_path / "all" / "fold_0" / "val.csv"
+    ).read_text()
 
 
 def test_shift_scale_and_blur():

@@ -182,6 +182,12 @@ def test_grid_files_are_checked(tmp_path):
     one_tumor = {**TINY_GRID, "studies": [{"name": "loto", "split": ["tumor-out"]}]}
     with pytest.raises(ValueError, match="two or more domains"):
         expand(load_grid(write_grid(tmp_path / "d.yaml", one_tumor)), figures)
+    in_steps = {**TINY_GRID, "overrides": {"steps": 5}, "studies": [{"name": "x"}]}  # tiny-linear: epochs 3
+    lengths = {
+        c.method: (c.config.epochs, c.config.steps)
+        for c in expand(load_grid(write_grid(tmp_path / "e.yaml", in_steps)), figures)
+    }
+    assert lengths == {"tiny-lora": (None, 5), "tiny-linear": (3, None)}
 
 
 @pytest.mark.parametrize("path", sorted(GRIDS.glob("*.yaml")), ids=lambda p: p.name)

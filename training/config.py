@@ -182,7 +182,7 @@ class TrainConfig(_Strict):
 TRAINING_LENGTH = ("epochs", "steps")  # two ways to state one thing: a layer that states either replaces both
 
 
-def _layered(lower: dict[str, Any], upper: dict[str, Any]) -> dict[str, Any]:
+def layered(lower: dict[str, Any], upper: dict[str, Any]) -> dict[str, Any]:
     """``upper``'s keys over ``lower``'s; a training length that ``upper`` states, in epochs or in steps, replaces
     ``lower``'s whichever way that was stated (``--epochs 3`` on a config in steps trains 3 epochs)."""
     if any(key in upper for key in TRAINING_LENGTH):
@@ -204,11 +204,11 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         return raw
     if not isinstance(base, str):
         raise ValueError(f"{path}: 'base' names another config file, relative to this one")
-    return _layered(_read_with_bases(path.parent / base, (*seen, path)), raw)
+    return layered(_read_with_bases(path.parent / base, (*seen, path)), raw)
 
 
 def load_config(path: Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    return validated(TrainConfig, _layered(_read_with_bases(path), overrides or {}), path)
+    return validated(TrainConfig, layered(_read_with_bases(path), overrides or {}), path)
 
 
 def validated(model: type[Validated], raw: Any, path: Path) -> Validated:

@@ -46,7 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from training.adapt import load_fold_model
-from training.config import TrainConfig, load_config, validated
+from training.config import TrainConfig, layered, load_config, validated
 from training.data import Figure, decode_figures, read_datasets
 from training.evaluate import figures as figures_of
 from training.model import Classifier, Preprocess, classifier_for
@@ -154,7 +154,8 @@ def expand(grid: GridConfig, figures: list[Figure]) -> list[Cell]:
     for study in grid.studies:
         axes = (study.methods or list(grid.methods), study.split, study.data, study.seeds)
         for method, split, amount, seed in itertools.product(*axes):
-            changes = {**grid.overrides, **grid.methods[method], **SPLITS[split], **parse_amount(amount), "seed": seed}
+            method_config = layered(grid.overrides, grid.methods[method])  # a method's epochs replace the grid's steps
+            changes = {**method_config, **SPLITS[split], **parse_amount(amount), "seed": seed}
             if split.endswith("-out"):  # one fold per domain present in the data
                 domains = {getattr(f, SPLITS[split]["domain"]) for f in figures}
                 if len(domains) < 2:

@@ -60,15 +60,15 @@ def read_predictions(path: Path, threshold: float | None = None,
     }
 
 
-def _rate(values: np.ndarray, mask: np.ndarray) -> float:
+def _mean_where(values: np.ndarray, mask: np.ndarray) -> float:
     """The mean of ``values`` where ``mask`` holds (NaN where it never does)."""
     return float(values[mask].mean()) if mask.any() else math.nan
 
 
 def figures(label: np.ndarray, pred: np.ndarray, prob: np.ndarray) -> dict[str, float]:
     positive = label == 1
-    sensitivity = _rate(pred == 1, positive)
-    specificity = _rate(pred == 0, ~positive)
+    sensitivity = _mean_where(pred == 1, positive)
+    specificity = _mean_where(pred == 0, ~positive)
     both_classes = 0 < positive.sum() < len(label)
     oracle = choose_threshold(label, prob) if both_classes else math.nan
     return {
@@ -81,8 +81,8 @@ def figures(label: np.ndarray, pred: np.ndarray, prob: np.ndarray) -> dict[str, 
         "oracle_balanced_accuracy": balanced_accuracy(label, prob >= oracle) if both_classes else math.nan,
         # each class's mean probability: a domain whose figures of both classes score higher than elsewhere is
         # miscalibrated, not misranked
-        "mean_prob_normal": _rate(prob, ~positive),
-        "mean_prob_atypical": _rate(prob, positive),
+        "mean_prob_normal": _mean_where(prob, ~positive),
+        "mean_prob_atypical": _mean_where(prob, positive),
         "n": len(label),
     }
 

@@ -1,5 +1,5 @@
 """``python -m training <command>``: synth | case | describe | train | export | predict | probe | evaluate |
-experiment | cold-start | bench | bench-train."""
+experiment | cold-start | bench | bench-train | stacks | score."""
 
 from __future__ import annotations
 
@@ -88,6 +88,22 @@ def _evaluate(args: argparse.Namespace) -> None:
     from training.evaluate import evaluate_file
 
     evaluate_file(args.predictions, args.json, args.threshold, args.column)
+
+
+def _stacks(args: argparse.Namespace) -> None:
+    from training.score import build_stacks
+
+    build_stacks(args.data_root, args.output, args.stack_size, args.stacks, args.seed, args.domain)
+
+
+def _score(args: argparse.Namespace) -> None:
+    from training.score import run_and_score, score_folder
+
+    if args.image:
+        cases = args.cases or args.ground_truth.parent
+        run_and_score(args.image, cases, args.ground_truth, args.answers, args.json, args.device, args.domains)
+    else:
+        score_folder(args.ground_truth, args.answers, args.json, args.domains)
 
 
 def _experiment(args: argparse.Namespace) -> None:
@@ -191,6 +207,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--column", default="prob_atypical",
                    help="the probability column to score (prob_atypical_no_tta: a tta run without it)")  # fmt: skip
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("stacks", help="Grand Challenge cases (stacks of figures) + their ground truth in the "
+                       "official evaluation's format, from dataset folders")  # fmt: skip
+    p.add_argument("--data-root", type=Path, nargs="+", required=True)
+    p.add_argument("--output", type=Path, required=True, help="new folder: stack_<k>/, ground_truth.json, "
+                   "domains.json, figures.csv")  # fmt: skip
+    p.add_argument("--stack-size", type=int, default=16, help="pages per stack (1..16; a group's last is shorter)")
+    p.add_argument("--stacks", type=int, help="write only the first N stacks (default: every figure)")
+    p.add_argument("--seed", type=int, default=0, help="shuffles the figures")
+    p.add_argument("--domain", choices=("tumor", "scanner"), default="tumor",
+                   help="what the ground truth's tumordomains number (local ids, in domains.json)")  # fmt: skip
+    p.set_defaults(func=_stacks)
+
+    p = sub.add_parser("score", help="the official Track 2 evaluation's figures for answers to cases "
+                       "(optionally running a container image over the cases first)")  # fmt: skip
+    p.add_argument("--ground-truth", type=Path, required=True, help="ground_truth.json in the official format")
+    p.add_argument("--answers", type=Path, required=True, help="<stack>/<answer>.json per stack, or Grand "
+                   "Challenge's predictions.json + <job pk>/output/ (with --image: written here)")  # fmt: skip
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--domains", type=Path, help="domain id -> name JSON (default: domains.json beside the ground "
+                   "truth, else the official tumor domains)")  # fmt: skip
+    p.add_argument("--image", help="run this container image over --cases first, one docker run per case")
+    p.add_argument("--cases", type=Path, help="the case folders (default: the ground truth's folder)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda",
+                   help="cpu: run the image with MIDOG_DEVICE=cpu, for a host without a GPU")  # fmt: skip
+    p.set_defaults(func=_score)
 
     p = sub.add_parser("experiment", help="train, measure and report a grid of runs (training/configs/experiments)")
     p.add_argument("--config", type=Path, required=True, help="grid file")

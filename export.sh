@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Package for Grand Challenge: the container image (docker save | gzip) and model/ as model.tar.gz for the
 # separate model upload (the platform extracts it to /opt/ml/model, which process.py prefers when present).
-# The tarball holds exactly manifest.json and the files it lists, nothing else that may lie in model/.
+# The tarball holds exactly manifest.json and the files it lists, as plain files owned by root, nothing else that
+# may lie in model/ (the platform refuses absolute symlinks and clears group/other write bits).
+#   BASE_IMAGE=name ./export.sh      build on another base than the Dockerfile's CUDA image
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
@@ -14,7 +16,8 @@ if [ ! -f model/manifest.json ]; then
 fi
 mapfile -t model_files < <(python3 -c 'import json; print("\n".join(["manifest.json", *json.load(open("model/manifest.json"))["files"]]))')
 
-docker build --tag "$IMAGE" .
+docker build ${BASE_IMAGE:+--build-arg "BASE_IMAGE=$BASE_IMAGE"} --tag "$IMAGE" .
 docker save "$IMAGE" | gzip -c > "$IMAGE_ARCHIVE"
-tar --create --gzip --file model.tar.gz --directory model "${model_files[@]}"
+tar --create --gzip --file model.tar.gz --directory model --dereference --owner=0 --group=0 --numeric-owner \
+    --mode=go-w "${model_files[@]}"
 echo "wrote $IMAGE_ARCHIVE (container image) and model.tar.gz (model tarball: ${model_files[*]})"

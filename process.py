@@ -10,6 +10,8 @@ Contract (Grand Challenge algorithm, one case per run):
   model   the Grand Challenge model tarball at /opt/ml/model when it holds a manifest, else the model/ folder
           baked next to this file; a manifest.json (schema in contracts.py) names the ONNX ensemble, its
           sha256 and the decision threshold chosen on out-of-fold predictions.
+  device  --device, else the MIDOG_DEVICE environment variable (the image sets cuda), else auto; cuda refuses to
+          answer unless ONNX Runtime's CUDA provider is the active one
 Exit 0 with the answer written, or non-zero with one line on stderr and no output file.
 """
 
@@ -50,6 +52,8 @@ INPUT_DIR = Path("/input")
 OUTPUT_DIR = Path("/output")
 GC_MODEL_DIR = Path("/opt/ml/model")
 BAKED_MODEL_DIR = Path(__file__).resolve().parent / "model"
+DEVICE_ENV = "MIDOG_DEVICE"
+DEVICES = ("auto", "cuda", "cpu")
 STACK_SUBDIR = Path("images") / INPUT_INTERFACE
 TIFF_SUFFIXES = (".tif", ".tiff")
 MAX_PAGE_PIXELS = 4096 * 4096  # a page declaring more is a decompression bomb, not a 128 px crop-out
@@ -199,14 +203,14 @@ class OnnxEnsemble:
             ort.set_default_logger_severity(4)
         available = ort.get_available_providers()
         if device == "cuda" and "CUDAExecutionProvider" not in available:
-            raise DeviceError(f"--device cuda: this onnxruntime build has no CUDA provider (has {available})")
+            raise DeviceError(f"device cuda: this onnxruntime build has no CUDA provider (has {available})")
         wants_cuda = device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in available)
         self.precision, self.session = self._open(model_dir, "cuda" if wants_cuda else "cpu", precision)
         # onnxruntime falls back to CPU without raising when CUDA cannot load: check what is really active
         self.provider = self.session.get_providers()[0]
         if device == "cuda" and self.provider != "CUDAExecutionProvider":
             raise DeviceError(
-                "--device cuda: the CUDA provider did not load (no GPU visible, or CUDA 12 / cuDNN 9 libraries "
+                "device cuda: the CUDA provider did not load (no GPU visible, or CUDA 12 / cuDNN 9 libraries "
                 "missing); --debug shows onnxruntime's report"
             )
         if wants_cuda and self.provider != "CUDAExecutionProvider":
@@ -306,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=OUTPUT_DIR, help=f"output folder (default {OUTPUT_DIR})")
     parser.add_argument("--model", type=Path, help=f"model folder (default {GC_MODEL_DIR} if it has a manifest, "
                         f"else {BAKED_MODEL_DIR.name}/ next to this file)")  # fmt: skip
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
-                        help="cuda: fail unless the CUDA provider is active")  # fmt: skip
+    parser.add_argument("--device", choices=DEVICES, default=os.environ.get(DEVICE_ENV) or "auto",
+                        help=f"cuda: fail unless the CUDA provider is active (default: ${DEVICE_ENV}, else auto)")  # fmt: skip
     parser.add_argument("--debug", action="store_true", help="full tracebacks and onnxruntime's own log")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Build the image and run it on test/input the way Grand Challenge runs an algorithm (no network, GPU, read-only
-# /input); fail unless the answer matches EXPECTED (classes exact, confidence within TOLERANCE).
-#   ./test.sh            GPU host: the container's own --device cuda, so a silent CPU fallback fails the test
-#   GPUS= ./test.sh      no GPU on this host: run the image with --device cpu instead
+# /input, /output open to the image's non-root user); fail unless the answer matches EXPECTED (classes exact,
+# confidence within TOLERANCE).
+#   ./test.sh            GPU host: the image's own device (cuda), so a silent CPU fallback fails the test
+#   GPUS= ./test.sh      no GPU on this host: run the image with MIDOG_DEVICE=cpu instead
+#   BASE_IMAGE=name ./test.sh        build on another base than the Dockerfile's CUDA image
 #   EXPECTED=answer.json ./test.sh   the golden answer of the model in model/ (default test/expected_output.json)
 set -euo pipefail
 EXPECTED=${EXPECTED:+$(realpath "$EXPECTED")}  # relative to where it was called from
@@ -19,7 +21,7 @@ if [ ! -f model/manifest.json ]; then
     exit 1
 fi
 
-docker build --tag "$IMAGE" .
+docker build ${BASE_IMAGE:+--build-arg "BASE_IMAGE=$BASE_IMAGE"} --tag "$IMAGE" .
 
 output_dir=$(mktemp -d)
 trap 'rm -rf "$output_dir"' EXIT
@@ -27,15 +29,14 @@ chmod 777 "$output_dir"  # the container runs as a non-root user
 
 # stricter than Grand Challenge on one point: a read-only root file system, so a write outside /output and /tmp
 # (a cache, a log file) fails here instead of on the platform
-run_flags=(--rm --network none --shm-size 128m --read-only --tmpfs /tmp
+run_flags=(--rm --network none --shm-size 1024m --read-only --tmpfs /tmp
     --volume "$PWD/test/input:/input:ro" --volume "$output_dir:/output")
-device_args=()
 if [ -n "$GPUS" ]; then
     run_flags+=(--gpus "$GPUS")
 else
-    device_args=(--device cpu)
+    run_flags+=(--env MIDOG_DEVICE=cpu)
 fi
-docker run "${run_flags[@]}" "$IMAGE" ${device_args[@]+"${device_args[@]}"}  # bash < 4.4: empty array + set -u
+docker run "${run_flags[@]}" "$IMAGE"
 
 # classes exact, but for pages within TOLERANCE of the model's threshold (fp16 and int8 may carry them across)
 threshold=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["threshold"])' model/manifest.json)

@@ -156,7 +156,7 @@ def test_tampered_model_fails_cleanly(model_dir, tmp_path):
 def test_device_cuda_never_falls_back_to_cpu_silently(model_dir, tmp_path):
     result = run_cli(PROCESS, "--input", REPO / "test" / "input", "--output", tmp_path / "out", "--model", model_dir,
                      "--device", "cuda", check=False)  # fmt: skip
-    assert_clean_failure(result, tmp_path / "out", "--device cuda")
+    assert_clean_failure(result, tmp_path / "out", "device cuda")
 
 
 def test_grey_mha_is_refused_even_when_its_width_is_3(model_dir, tmp_path):

@@ -1,0 +1,211 @@
+"""The real image: built from the Dockerfile by test.sh and export.sh, run by a Docker engine as Grand Challenge and
+the MIDOG organizers' re-run harness run it, each answer checked against the golden answer of the model inside.
+
+Needs an engine: `.ci/run` brings one up (test/container/engine.sh: docker.io, dockerd, the test base). Elsewhere
+these tests skip when `docker info` fails; under CI=true they fail instead. No registry is reachable here, so the
+image is built on the Debian stand-in for the CUDA base and every run is a CPU run (MIDOG_DEVICE=cpu, except where
+a test checks that the image's own cuda refuses to answer without a GPU). On a GPU host, `./test.sh` runs the same
+image with `--gpus all` and the image's own device.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from compare_answer import answer_mismatches
+from conftest import REPO, red_mean_model, run_cli
+
+from contracts import ANSWER_FILENAME, ModelManifest
+
+TEST_BASE_IMAGE = os.environ.get("TEST_BASE_IMAGE", "midog25-test-base")
+IMAGE = "midog25-track2-test"
+IMAGE_FILES = ["Dockerfile", ".dockerignore", "requirements.txt", "process.py", "contracts.py", "inference.py"]
+SCRIPTS = ["test.sh", "export.sh", "test/compare_answer.py"]
+CPU = ["--env", "MIDOG_DEVICE=cpu"]
+# same onnxruntime build and graph inside and outside the image, on the same CPU
+CONFIDENCE_TOLERANCE = 1e-5
+
+
+def docker(*args: str | Path, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run(["docker", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        pytest.fail(f"docker {' '.join(map(str, args))} exited {result.returncode}:\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def engine() -> None:
+    """A running Docker engine with the test base image, or a skip (a failure under CI)."""
+    up = shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+    if not up:
+        if os.environ.get("CI") == "true":
+            pytest.fail("no Docker engine: .ci/run must start one (test/container/engine.sh)")
+        pytest.skip("no Docker engine (bash test/container/engine.sh starts one, as root)")
+    subprocess.run(["bash", str(REPO / "test" / "container" / "engine.sh")], check=True, capture_output=True,
+                   env={**os.environ, "TEST_BASE_IMAGE": TEST_BASE_IMAGE}, timeout=900)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def checkout(engine, demo_run, tmp_path_factory) -> Path:
+    """A scratch checkout holding what the image and the scripts need, the demo model as model/, and
+    ``golden.json``: that model's answer on test/input from process.py on this machine."""
+    root = tmp_path_factory.mktemp("image") / "repo"
+    for name in [*IMAGE_FILES, *SCRIPTS]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / "test" / "input", root / "test" / "input")
+    shutil.copytree(demo_run["model"], root / "model")
+    out = root.parent / "golden"
+    run_cli(REPO / "process.py", "--input", root / "test" / "input", "--output", out, "--model", root / "model",
+            "--device", "cpu")  # fmt: skip
+    shutil.copy(out / ANSWER_FILENAME, root / "golden.json")
+    return root
+
+
+def run_script(checkout: Path, script: str, **env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "IMAGE": IMAGE, "BASE_IMAGE": TEST_BASE_IMAGE, **env}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env["PATH"]])  # python3 with the repo's deps
+    result = subprocess.run(["bash", script], cwd=checkout, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{script} exited {result.returncode}:\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="session")
+def exported(checkout) -> dict[str, Path]:
+    """export.sh's two uploads: the image archive and the model tarball."""
+    run_script(checkout, "export.sh")
+    return {"image": checkout / f"{IMAGE}.tar.gz", "model": checkout / "model.tar.gz"}
+
+
+@pytest.fixture(scope="session")
+def built(checkout) -> subprocess.CompletedProcess:
+    """test.sh as a host without a GPU runs it: build on the test base, run on test/input, compare with golden."""
+    return run_script(checkout, "test.sh", GPUS="", EXPECTED="golden.json")
+
+
+def writable_dir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    path.chmod(0o777)  # as the platform's /output and the harness's OUT: the image's user is not the host's
+    return path
+
+
+def run_case(tmp_path: Path, *flags: str | Path, image: str = IMAGE) -> tuple[subprocess.CompletedProcess, Path]:
+    """One container start on test/input as Grand Challenge starts it: no network, /input read-only."""
+    out = writable_dir(tmp_path / f"out{len(list(tmp_path.glob('out*')))}")
+    result = docker("run", "--rm", "--network", "none", "--volume", f"{REPO / 'test' / 'input'}:/input:ro",
+                    "--volume", f"{out}:/output", *flags, image, check=False)  # fmt: skip
+    return result, out / ANSWER_FILENAME
+
+
+def assert_golden(answer_path: Path, golden: Path) -> None:
+    answer = json.loads(answer_path.read_text())
+    assert answer_mismatches(answer, json.loads(golden.read_text()), CONFIDENCE_TOLERANCE) == []
+
+
+def test_test_sh_builds_the_image_and_gets_the_golden_answer(built):
+    assert "OK" in built.stdout
+
+
+def test_image_is_what_both_runners_expect(built):
+    (info,) = json.loads(docker("image", "inspect", IMAGE).stdout)
+    config = info["Config"]
+    assert info["Architecture"] == "amd64" and info["Os"] == "linux"
+    assert config["User"] not in ("", "root", "0")
+    assert config["Entrypoint"] == ["python", "/opt/app/inference.py"] and not config["Cmd"]
+    assert "MIDOG_DEVICE=cuda" in config["Env"]
+    listing = docker("run", "--rm", "--entrypoint", "bash", IMAGE, "-c", "id -u; ls /opt/app /opt/app/model").stdout
+    uid, *files = listing.split()
+    assert uid != "0"
+    assert {"inference.py", "process.py", "contracts.py", "manifest.json"} <= set(files)
+
+
+def test_export_sh_writes_the_image_archive_and_the_model_tarball(checkout, exported):
+    with gzip.open(exported["image"]) as archive, tarfile.open(fileobj=archive) as tar:
+        assert "manifest.json" in tar.getnames()  # docker save's own index of the image
+    manifest = ModelManifest.load(checkout / "model")
+    with tarfile.open(exported["model"]) as tar:
+        members = tar.getmembers()
+    assert {m.name for m in members} == {"manifest.json", *manifest.files}
+    assert all(m.isfile() and m.uid == 0 and m.gid == 0 and not m.mode & 0o022 for m in members)
+
+
+def test_image_refuses_to_answer_on_cuda_without_a_gpu(built, tmp_path):
+    result, answer = run_case(tmp_path)  # the image's own MIDOG_DEVICE=cuda, no GPU on this host
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("ERROR device cuda: the CUDA provider did not load")
+    assert not answer.exists()
+
+
+def test_grand_challenge_run_with_the_model_tarball(checkout, exported, tmp_path):
+    model_dir = tmp_path / "opt-ml-model"
+    with tarfile.open(exported["model"]) as tar:
+        tar.extractall(model_dir, filter="data")
+    for path in [model_dir, *model_dir.iterdir()]:
+        path.chmod(path.stat().st_mode & ~0o022)  # the platform clears group/other write bits
+    result, answer = run_case(tmp_path, *CPU, "--volume", f"{model_dir}:/opt/ml/model:ro")
+    assert result.returncode == 0, result.stderr
+    assert "model folder /opt/ml/model: Grand Challenge's model tarball" in result.stderr
+    assert_golden(answer, checkout / "golden.json")
+
+
+def test_grand_challenge_run_with_the_baked_model(checkout, built, tmp_path):
+    result, answer = run_case(tmp_path, *CPU)
+    assert result.returncode == 0, result.stderr
+    assert "model folder /opt/app/model: baked into the image" in result.stderr
+    assert_golden(answer, checkout / "golden.json")
+
+
+def test_the_model_at_opt_ml_model_is_the_one_that_answers(built, tmp_path):
+    """A different model mounted at /opt/ml/model (P = mean red / 255) answers, not the baked one."""
+    other = red_mean_model(tmp_path / "red-mean")
+    result, answer = run_case(tmp_path, *CPU, "--volume", f"{other}:/opt/ml/model:ro")
+    assert result.returncode == 0, result.stderr
+    golden = tmp_path / "red-mean-golden"
+    run_cli(REPO / "process.py", "--input", REPO / "test" / "input", "--output", golden, "--model", other,
+            "--device", "cpu")  # fmt: skip
+    assert_golden(answer, golden / ANSWER_FILENAME)
+
+
+def timed(inference_py: str) -> str:
+    """A timed copy of inference.py, as the organizers make one: the main() call wrapped in a clock that writes
+    /output/time.csv."""
+    call = "    raise SystemExit(main())\n"
+    assert call in inference_py, "the harness edits the main() call of /opt/app/inference.py"
+    clocked = (
+        "    import time\n"
+        "    start = time.perf_counter()\n"
+        "    status = main()\n"
+        "    with open('/output/time.csv', 'w') as f:\n"
+        "        f.write(f'case,seconds\\nstack,{time.perf_counter() - start:.3f}\\n')\n"
+        "    raise SystemExit(status)\n"
+    )
+    return "import time\n" + inference_py.replace(call, clocked)
+
+
+def test_organizers_harness_loads_copies_out_and_times_the_image(checkout, exported, tmp_path):
+    docker("image", "rm", IMAGE)  # what runs below comes from the archive
+    assert IMAGE in docker("load", "--input", exported["image"]).stdout
+    code = writable_dir(tmp_path / "code")
+    docker("run", "--rm", "--volume", f"{code}:/xchange", "--entrypoint", "bash", IMAGE, "-c",
+           "cp -r /opt/app/* /xchange/")  # fmt: skip
+    assert {"inference.py", "process.py", "contracts.py", "model"} <= {p.name for p in code.iterdir()}
+    timed_copy = tmp_path / "inference_timed.py"
+    timed_copy.write_text(timed((code / "inference.py").read_text()))
+    case = tmp_path / "in"
+    shutil.copytree(REPO / "test" / "input", case)
+    out = writable_dir(tmp_path / "out")
+    result = docker("run", "--rm", "--volume", f"{case}:/input:ro", "--volume", f"{out}:/output:rw", *CPU,
+                    "--volume", f"{timed_copy}:/opt/app/inference.py:ro", "--shm-size", "1024M", IMAGE,
+                    check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert_golden(out / ANSWER_FILENAME, checkout / "golden.json")
+    header, row = (out / "time.csv").read_text().splitlines()
+    assert header == "case,seconds" and 0 < float(row.split(",")[1]) < 120

@@ -5,6 +5,7 @@ import json
 import huggingface_hub.constants
 import pytest
 import torch
+from conftest import REPO
 from safetensors.torch import save_file
 from timm.layers import GluMlp, LayerScale
 from torch import nn
@@ -266,3 +267,26 @@ def test_every_trainable_weight_of_a_scratch_model_gets_a_gradient(name):
     clf(torch.randn(2, 3, 128, 128)).sum().backward()
     unused = [n for n, p in clf.named_parameters() if p.requires_grad and p.grad is None]
     assert not unused, unused[:5]
+
+
+def test_class_token_head_is_timms_own_one_logit_head():
+    """``pooling: cls`` reads what timm's ``reset_classifier(1)`` head reads (the normed class token), so the
+    same weights give the same logit; the config refuses a pooling its backbone cannot give."""
+    from pydantic import ValidationError
+
+    from training.config import TrainConfig, load_config
+    from training.model import classifier_for
+
+    cfg = load_config(REPO / "training" / "configs" / "virchow-lora-r8-cls-head.yaml")
+    assert cfg.pooling == "cls" and cfg.backbone == "virchow"
+    clf = classifier_for(cfg.model_copy(update={"backbone": "tiny-virchow"})).eval()
+    assert clf.embedding_dim == clf.backbone.num_features  # the class token alone, not CLS + mean (2x)
+    timm_model = create_backbone("tiny-virchow")
+    timm_model.load_state_dict(clf.backbone.state_dict())
+    timm_model.reset_classifier(1, global_pool="token")
+    timm_model.head.load_state_dict(clf.atypia_head.state_dict())
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        assert torch.allclose(clf(x), timm_model(x).squeeze(-1), atol=1e-6)
+    with pytest.raises(ValidationError, match="does not fit"):
+        TrainConfig(backbone="efficientnetv2-b0-scratch", pooling="cls")

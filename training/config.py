@@ -8,7 +8,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from training.backbones import backbone_spec
+from training.backbones import Pooling, backbone_spec
 from training.data import normalize_scanner
 
 # peft matches this against full module names: only the attention projections of the transformer blocks.
@@ -35,6 +35,11 @@ class TrainConfig(_Strict):
     backbone: str = "virchow"
     weights: str | None = Field(None, description="hf-hub:<repo> (local cache) or local-dir:<path>; None = default")
     mode: Literal["lora", "linear", "full"] = "lora"
+    pooling: Pooling | None = Field(
+        None,
+        description="the head's input: None = the backbone's published pooling (Virchow: cls+mean); cls = the class "
+        "token alone, as timm's own one-logit head (reset_classifier(1)) reads it",
+    )
     lora: LoraSettings = LoraSettings()
     folds: int = Field(3, ge=2, description="for split: domain, the number of domains")
     split: Literal["slide", "random", "domain"] = "slide"
@@ -130,6 +135,14 @@ class TrainConfig(_Strict):
     def _one_training_length(self) -> TrainConfig:
         if (self.epochs is None) == (self.steps is None):
             raise ValueError("state the training length once: epochs or steps")
+        return self
+
+    @model_validator(mode="after")
+    def _pooling_fits_the_backbone(self) -> TrainConfig:
+        tokens = backbone_spec(self.backbone).pooling != "avg"
+        if self.pooling is not None and (self.pooling != "avg") != tokens:
+            kind = "a ViT's tokens" if tokens else "a CNN's feature map"
+            raise ValueError(f"pooling {self.pooling!r} does not fit {self.backbone} ({kind})")
         return self
 
     @field_validator("hold_out_scanners")

@@ -213,8 +213,9 @@ class Classifier(nn.Module):
 
 def build_classifier(backbone: str, weights: str | None = None, head_seed: int = 0, standardize: bool = False,
                      standardize_detail: bool = False, detail_ceiling: bool = False,
-                     standardize_mid_band: bool = False) -> Classifier:  # fmt: skip
-    model = Classifier(create_backbone(backbone, weights), backbone_spec(backbone).pooling, standardize,
+                     standardize_mid_band: bool = False, pooling: Pooling | None = None) -> Classifier:  # fmt: skip
+    """``pooling``: None = the backbone's published pooling (``backbones.BackboneSpec.pooling``)."""
+    model = Classifier(create_backbone(backbone, weights), pooling or backbone_spec(backbone).pooling, standardize,
                        standardize_detail, detail_ceiling, standardize_mid_band)  # fmt: skip
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(head_seed)
@@ -251,7 +252,7 @@ def classifier_for(cfg: TrainConfig, head_seed: int = 0) -> Classifier:
     """The untrained classifier a run's config describes (its weights come from the fold's files)."""
     return build_classifier(cfg.backbone, cfg.weights, head_seed, standardize=cfg.standardize_input,
                             standardize_detail=cfg.standardize_detail, detail_ceiling=cfg.detail_ceiling,
-                            standardize_mid_band=cfg.standardize_mid_band)  # fmt: skip
+                            standardize_mid_band=cfg.standardize_mid_band, pooling=cfg.pooling)  # fmt: skip
 
 
 class Ensemble(nn.Module):

@@ -28,7 +28,7 @@ MAX_PAGES = 16  # the challenge stacks 1..16 figures per case
 PLAUSIBLE_PIXEL_SIZE_UM = (0.1, 1.0)
 
 Label = Literal["normal", "atypical"]
-Precision = Literal["fp32", "fp16", "int8"]  # int8: MatMul weights, activations quantized per batch
+Precision = Literal["fp32", "fp16", "int8"]  # int8: MatMul weights; activations quantized per run (one page)
 Device = Literal["cuda", "cpu"]
 
 

@@ -159,15 +159,16 @@ def test_device_cuda_never_falls_back_to_cpu_silently(model_dir, tmp_path):
     assert_clean_failure(result, tmp_path / "out", "device cuda")
 
 
-def test_grey_mha_is_refused_even_when_its_width_is_3(model_dir, tmp_path):
+def test_a_grey_mha_is_read_as_grey_pages_even_when_its_width_is_3(model_dir, tmp_path):
     import SimpleITK as sitk
 
     case = _case_with_file(tmp_path, "placeholder", b"")
     (case / "images" / INPUT_INTERFACE / "placeholder").unlink()
     grey = sitk.GetImageFromArray(np.zeros((5, 128, 3), np.uint8))  # scalar pixels, [N=5, H=128, W=3]
     sitk.WriteImage(grey, str(case / "images" / INPUT_INTERFACE / "grey.mha"))
-    result = run_cli(PROCESS, "--input", case, "--output", tmp_path / "out", "--model", model_dir, check=False)
-    assert_clean_failure(result, tmp_path / "out", "grey.mha", "RGB")
+    answer, result = answer_for(case, model_dir, tmp_path / "out")
+    validate_answer(answer, n_pages=5)  # five grey pages of 128 x 3, not 5 x 128 RGB
+    assert "5 of 5 page(s) are grey" in result.stderr and "3x128 far from the challenge's 128x128" in result.stderr
 
 
 def test_answer_is_readable_by_other_users(model_dir, tmp_path):
@@ -250,7 +251,7 @@ def test_pages_of_any_mode_become_rgb(model_dir, pages, tmp_path, mode):
     validate_answer(answer, n_pages=3)
 
 
-def test_a_damaged_compressed_tiff_fails_in_one_line_quoting_the_decoder(model_dir, tmp_path):
+def test_a_damaged_compressed_tiff_fails_in_one_line_quoting_the_codec(model_dir, tmp_path):
     import io
 
     buffer = io.BytesIO()
@@ -261,7 +262,7 @@ def test_a_damaged_compressed_tiff_fails_in_one_line_quoting_the_decoder(model_d
     data[200:260] = bytes(b ^ 0x55 for b in data[200:260])  # inside the deflate stream
     case = _case_with_file(tmp_path, "damaged.tiff", bytes(data))
     result = run_cli(PROCESS, "--input", case, "--output", tmp_path / "out", "--model", model_dir, check=False)
-    assert_clean_failure(result, tmp_path / "out", "damaged.tiff", "unreadable", "ZIPDecode")
+    assert_clean_failure(result, tmp_path / "out", "damaged.tiff", "unreadable", "DeflateError")
 
 
 def framed_pages() -> np.ndarray:
@@ -322,3 +323,63 @@ def test_the_organizers_sample_stack_records_its_pixel_size():
     case = process.read_stack(process.find_stack(shared_path("gc-sample", "input")))
     assert len(case.pixel_sizes_um) == 16
     assert all(um == pytest.approx(0.2487, abs=1e-3) for um in case.pixel_sizes_um)  # a 40x scan's
+
+
+def test_each_class_of_failure_has_its_exit_code(model_dir, tmp_path):
+    """process.py's docstring: 2 input, 3 output folder, 4 model folder (5, the device: above, when no GPU)."""
+    sample = REPO / "test" / "input"
+    bad_input = _case_with_file(tmp_path / "a", "notes.tif", b"not an image")
+    tampered = shutil.copytree(model_dir, tmp_path / "model")
+    (tampered / "manifest.json").write_text("{")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for args, code in [
+        ((bad_input, tmp_path / "o1", model_dir), 2),
+        ((sample, blocker / "out", model_dir), 3),  # the output folder would be inside a file
+        ((sample, tmp_path / "o3", tampered), 4),
+    ]:
+        result = run_cli(PROCESS, "--input", args[0], "--output", args[1], "--model", args[2], "--device", "cpu",
+                         check=False)  # fmt: skip
+        assert result.returncode == code, (code, result.stderr)
+        assert len([line for line in result.stderr.splitlines() if line.startswith("ERROR")]) == 1
+
+
+def test_an_unwritable_output_folder_fails_before_the_model_loads(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = run_cli(PROCESS, "--input", REPO / "test" / "input", "--output", blocker / "out", "--model",
+                     tmp_path / "no-model", "--device", "cpu", check=False)  # fmt: skip
+    assert result.returncode == 3 and "output folder not writable" in result.stderr, result.stderr
+    assert "no manifest" not in result.stderr and "read " not in result.stderr  # neither the model nor the stack
+
+
+def test_an_unreadable_input_folder_exits_as_bad_input(model_dir, tmp_path, monkeypatch, caplog):
+    case = _case_with_file(tmp_path, "stack.tiff", b"")
+    folder = case / "images" / INPUT_INTERFACE
+    real_iterdir = type(folder).iterdir
+
+    def denied(self):
+        if self == folder:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(type(folder), "iterdir", denied)  # as root, chmod 000 would not stop the read
+    code = process.main(["--input", str(case), "--output", str(tmp_path / "out"), "--model", str(model_dir)])
+    assert code == 2
+    assert "unreadable folder (PermissionError: Permission denied)" in caplog.text
+
+
+def test_a_page_gets_the_same_answer_alone_and_inside_its_stack(model_dir, pages, tmp_path):
+    """The int8 graph quantizes activations over a run: pages run alone, so neighbours cannot move an answer."""
+    from process import OnnxEnsemble
+
+    ensemble = OnnxEnsemble(model_dir, "cpu")
+    assert ensemble.precision == "int8"
+    in_stack = ensemble.predict(list(pages))
+    alone = np.array([ensemble.predict([page])[0] for page in pages])
+    assert np.abs(in_stack - alone).max() <= 1e-6
+    write_case(tmp_path / "one", pages[3:4])
+    write_case(tmp_path / "all", pages)
+    one, _ = answer_for(tmp_path / "one", model_dir, tmp_path / "o1")
+    everything, _ = answer_for(tmp_path / "all", model_dir, tmp_path / "o2")
+    assert abs(one[0]["confidence"] - everything[3]["confidence"]) <= 1e-6

@@ -558,5 +558,5 @@ def test_training_and_serving_resample_each_scanner_to_one_pixel_size(small_data
     predict_folder(tmp_path / "model", small_data, tmp_path / "preds.csv", device="cpu", scanners=["Aperio CS2"])
     with (tmp_path / "preds.csv").open() as f:
         served = [float(r["prob_atypical"]) for r in csv.DictReader(f)]
-    expected = OnnxEnsemble(tmp_path / "model", "cpu").predict(list(trained_on["pixels"][aperio]), max_batch=64)
+    expected = OnnxEnsemble(tmp_path / "model", "cpu").predict(list(trained_on["pixels"][aperio]))
     np.testing.assert_allclose(served, expected, rtol=0, atol=1e-6)  # predict resampled them as training did

@@ -28,13 +28,13 @@ def figures_to_score(data_root: Path, scanners: list[str] | None = None) -> Figu
     return figures, decode_figures(figures), scanner_pixel_sizes(figures)
 
 
-def predict_folder(model_dir: Path, data_root: Path, output: Path, device: str = "auto", batch: int = 64,
+def predict_folder(model_dir: Path, data_root: Path, output: Path, device: str = "auto",
                    precision: str | None = None, scanners: list[str] | None = None) -> None:  # fmt: skip
     """``precision`` None: the graph the manifest serves on the device, as the container runs it. ``scanners``:
     score only their figures (a run's held-out scanners)."""
     figures, pixels, pixel_sizes = figures_to_score(data_root, scanners)
     ensemble = OnnxEnsemble(model_dir, device, precision=precision)
-    probs = ensemble.predict(list(pixels), max_batch=batch, pixel_sizes_um=pixel_sizes)
+    probs = ensemble.predict(list(pixels), pixel_sizes_um=pixel_sizes)
     output.parent.mkdir(parents=True, exist_ok=True)
     with output.open("w", newline="") as f:
         writer = csv.writer(f)

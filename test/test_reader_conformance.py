@@ -1,0 +1,399 @@
+"""The stack reader's conformance matrix: every layout a writer produces is read to the pixels it means, or refused
+with one line (process.py's reading policy).
+
+Generated: photometric x 8/16 bits x planar layout x compression x tiling x byte order, each combination tifffile
+can write, checked against an independent decode: the pixels written (scaled back by their range; JPEG: Pillow's
+libtiff + libjpeg decode of the same file). Then the layouts outside the product (BigTIFF, predictors, float,
+signed, bilevel, alpha, ImageJ, OME with a pyramid, page roles, SimpleITK's TIFF and .mha), and the issue's three
+stacks from the organizers' sample answered as its 8-bit RGB stack is.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import tifffile
+from conftest import REPO, run_cli, shared_path
+from PIL import Image
+
+import process
+from contracts import ANSWER_FILENAME, INPUT_INTERFACE
+from process import InputError, read_stack
+
+
+def reference_pages(n: int = 2, side: int = 48) -> np.ndarray:
+    """Smooth colour gradients with texture: every value 0..255 in each channel, and JPEG-friendly."""
+    y, x = np.mgrid[0:side, 0:side] / (side - 1)
+    pages = []
+    for k in range(n):
+        rgb = [(x + k / 3) % 1, y, (x * y + 0.25 * np.sin(7 * x + k)) % 1]
+        pages.append(np.stack([np.rint(c * 255) for c in rgb], axis=-1))
+    pages = np.array(pages, np.uint8)
+    pages[:, 0, 0], pages[:, -1, -1] = 0, 255  # the range's ends
+    return pages
+
+
+REF = reference_pages()
+GREY = np.rint(REF @ [0.299, 0.587, 0.114]).astype(np.uint8)
+LEVELS = np.arange(256, dtype=np.uint8)
+PALETTE8 = np.stack([LEVELS, 255 - LEVELS, LEVELS * np.uint8(7)], axis=-1)  # a colour map with 256 distinct colours
+INK_K = (REF.min(axis=-1) // 2).astype(np.uint8)  # some black ink, so the CMYK rule is exercised
+
+PHOTOMETRICS = ("rgb", "minisblack", "miniswhite", "palette", "separated")
+BITS = (8, 16)
+PLANAR = ("contig", "separate")
+COMPRESSIONS = (None, "lzw", "deflate", "packbits", "zstd", "jpeg")
+TILES = (None, (16, 16))
+BYTEORDERS = ("<", ">")
+
+
+def widen(pages8: np.ndarray, bits: int) -> np.ndarray:
+    return pages8 if bits == 8 else pages8.astype(np.uint16) * 257
+
+
+def stored_and_expected(photometric: str, bits: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """What a writer stores for the reference pages in this photometric interpretation, the RGB pixels the file
+    means (computed here, not by process.py), and the writer's extra arguments."""
+    if photometric == "rgb":
+        return widen(REF, bits), REF, {}
+    if photometric == "minisblack":
+        return widen(GREY, bits), np.repeat(GREY[..., None], 3, -1), {}
+    if photometric == "miniswhite":
+        return widen(255 - GREY, bits), np.repeat(GREY[..., None], 3, -1), {}
+    if photometric == "palette":  # an index per pixel; the TIFF colour map is 16-bit by the standard
+        index = GREY if bits == 8 else GREY.astype(np.uint16) * 3
+        colormap = np.zeros((3, 1 << bits), np.uint16)
+        colormap[:, index.ravel()] = PALETTE8[GREY.ravel()].T.astype(np.uint16) * 257
+        return index, PALETTE8[GREY], {"colormap": colormap}
+    cmyk = np.concatenate([255 - REF, INK_K[..., None]], axis=-1)  # separated: C, M, Y from RGB, plus K
+    rgb = np.floor((255 - cmyk[..., :3].astype(float)) * (255 - cmyk[..., 3:].astype(float)) / 255 + 0.5)
+    return widen(cmyk, bits), rgb.astype(np.uint8), {}
+
+
+def write_tiff(photometric, bits, planar, compression, tile, byteorder) -> bytes:
+    stored, _, extra = stored_and_expected(photometric, bits)
+    if planar == "separate" and stored.ndim == 4:
+        stored = stored.transpose(0, 3, 1, 2)
+    buffer = io.BytesIO()
+    with tifffile.TiffWriter(buffer, byteorder=byteorder) as tw:
+        for page in stored:
+            tw.write(page, photometric=photometric, planarconfig=planar, compression=compression, tile=tile,
+                     metadata=None, **extra)  # fmt: skip
+    return buffer.getvalue()
+
+
+def writable_cases() -> list[tuple]:
+    """The product's combinations tifffile writes, planar layout only where pages have several samples; JPEG at
+    8 bits (tifffile stores 16-bit data as 12-bit JPEG: its own case below)."""
+    cases = []
+    for case in itertools.product(PHOTOMETRICS, BITS, PLANAR, COMPRESSIONS, TILES, BYTEORDERS):
+        photometric, planar = case[0], case[2]
+        if planar == "separate" and photometric in ("minisblack", "miniswhite", "palette"):
+            continue  # one sample per pixel: the two layouts are the same file
+        if case[3] == "jpeg" and case[1] == 16:
+            continue
+        try:
+            write_tiff(*case)
+        except Exception:  # a combination this writer cannot produce
+            continue
+        cases.append(case)
+    return cases
+
+
+CASES = writable_cases()
+
+
+def case_id(case) -> str:
+    photometric, bits, planar, compression, tile, byteorder = case
+    tiling = "tiles" if tile else "strips"
+    return f"{photometric}-{bits}-{planar}-{compression or 'raw'}-{tiling}-{'le' if byteorder == '<' else 'be'}"
+
+
+def read(tmp_path, data: bytes, name: str = "stack.tiff"):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return read_stack(path)
+
+
+def assert_refused(tmp_path, data: bytes, *words: str, name: str = "stack.tiff") -> None:
+    with pytest.raises(InputError) as refusal:
+        read(tmp_path, data, name)
+    message = str(refusal.value)
+    assert "\n" not in message and name in message, message
+    for word in words:
+        assert word in message, message
+
+
+def pillow_decode(data: bytes) -> np.ndarray:
+    """libtiff's decode (through Pillow): the codec's own pixels, for JPEG."""
+    with Image.open(io.BytesIO(data)) as im:
+        pages = []
+        for i in range(im.n_frames):
+            im.seek(i)
+            pages.append(np.asarray(im.convert("RGB")))
+    return np.stack(pages)
+
+
+def test_the_matrix_covers_every_axis():
+    assert len(CASES) >= 250, len(CASES)
+    for axis in range(6):
+        assert len({case[axis] for case in CASES}) > 1, axis
+    assert any(c[0] == "rgb" and c[1] == 16 and c[2] == "separate" and c[3] is None for c in CASES)
+    assert any(c[3] == "jpeg" and c[0] == "rgb" for c in CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_every_writable_layout_reads_to_the_pixels_it_means(tmp_path, case):
+    data = write_tiff(*case)
+    stack = read(tmp_path, data)
+    got = np.stack(stack.pages)
+    assert got.dtype == np.uint8 and got.shape == REF.shape
+    if case[3] == "jpeg":  # lossy: equal to the codec's own decode, and near the pixels written
+        np.testing.assert_array_equal(got, pillow_decode(data))
+        assert np.abs(got.astype(int) - stored_and_expected(case[0], 8)[1]).mean() < 8
+    else:
+        np.testing.assert_array_equal(got, stored_and_expected(case[0], case[1])[1])
+
+
+def test_12_bit_jpeg_reads_as_its_codec_decodes_it(tmp_path):
+    import imagecodecs
+
+    data = tiff_bytes(np.rint(REF * (4095 / 255)).astype(np.uint16), photometric="rgb", compression="jpeg")
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:  # one strip per page: the strip is the whole JPEG stream
+        assert tif.pages[0].bitspersample == 12 and len(tif.pages[0].dataoffsets) == 1
+        codec = [imagecodecs.jpeg_decode(data[p.dataoffsets[0] : p.dataoffsets[0] + p.databytecounts[0]])
+                 for p in tif.pages]  # fmt: skip
+    expected = np.floor(np.stack(codec) * (255 / 4095) + 0.5).astype(np.uint8)
+    np.testing.assert_array_equal(np.stack(read(tmp_path, data).pages), expected)
+    assert np.abs(expected.astype(int) - REF).mean() < 8
+
+
+def tiff_bytes(pages, **options) -> bytes:
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, pages, metadata=None, **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"bigtiff": True},
+        {"bigtiff": True, "compression": "zstd", "tile": (16, 16)},
+        {"compression": "lzw", "predictor": True},
+        {"compression": "deflate", "predictor": True, "byteorder": ">"},
+        {"compression": "deflate", "predictor": True, "planarconfig": "separate"},
+        {"rowsperstrip": 5},
+        {"compression": "webp", "compressionargs": {"level": 100, "lossless": True}},
+    ],
+    ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_containers_strips_and_predictors(tmp_path, options):
+    pages = REF.transpose(0, 3, 1, 2) if options.get("planarconfig") == "separate" else REF
+    for bits in BITS if options.get("compression") != "webp" else (8,):
+        stack = read(tmp_path, tiff_bytes(widen(pages, bits), photometric="rgb", **options))
+        np.testing.assert_array_equal(np.stack(stack.pages), REF)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_float_samples_in_0_1_are_scaled(tmp_path, dtype):
+    stack = read(tmp_path, tiff_bytes((REF / 255).astype(dtype), photometric="rgb"))
+    np.testing.assert_array_equal(np.stack(stack.pages), REF)
+
+
+@pytest.mark.parametrize(
+    ("pages", "words"),
+    [
+        (REF.astype(np.float32), ("float32 samples must lie in [0, 1]", "found [0, 255]")),
+        (np.where(REF > 0, REF / 255, np.nan), ("non-finite",)),
+        (REF.astype(np.int16), ("signed int16 samples are not supported",)),
+        (REF.astype(np.int8) // 2, ("signed int8 samples are not supported",)),
+        (REF.astype(np.complex64), ("complex64 samples are not supported",)),
+    ],
+    ids=["float-0-255", "float-nan", "int16", "int8", "complex64"],
+)
+def test_other_sample_formats_are_refused_by_name(tmp_path, pages, words):
+    assert_refused(tmp_path, tiff_bytes(pages, photometric="rgb"), *words)
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"photometric": "cielab"}, ("photometric interpretation CIELAB is not supported",)),
+        ({"photometric": "ycbcr"}, ("YCbCr pixels without JPEG compression",)),
+    ],
+    ids=["cielab", "ycbcr-raw"],
+)
+def test_other_colour_spaces_are_refused_by_name(tmp_path, options, words):
+    assert_refused(tmp_path, tiff_bytes(REF, **options), *words)
+
+
+@pytest.mark.parametrize("bits", [1, 8, 16])
+def test_extra_samples_and_bilevel(tmp_path, bits):
+    alpha = np.full((*REF.shape[:-1], 1), 77, np.uint8)
+    rgba = read(tmp_path, tiff_bytes(widen(np.concatenate([REF, alpha], -1), 16 if bits == 16 else 8),
+                                     photometric="rgb", extrasamples=["unassalpha"]))  # fmt: skip
+    np.testing.assert_array_equal(np.stack(rgba.pages), REF)
+    grey_alpha = np.concatenate([GREY[..., None], alpha], -1)
+    la = read(tmp_path, tiff_bytes(widen(grey_alpha, 16 if bits == 16 else 8), photometric="minisblack",
+                                   planarconfig="contig", extrasamples=["assocalpha"]))  # fmt: skip
+    np.testing.assert_array_equal(np.stack(la.pages), np.repeat(GREY[..., None], 3, -1))
+    if bits == 1:
+        bilevel = GREY > 127
+        stack = read(tmp_path, tiff_bytes(bilevel, photometric="minisblack"))
+        np.testing.assert_array_equal(np.stack(stack.pages)[..., 0], bilevel * 255)
+
+
+def test_imagej_and_ome_stacks(tmp_path):
+    imagej = read(tmp_path, tiff_bytes(REF, imagej=True, photometric="rgb"), "imagej.tif")
+    np.testing.assert_array_equal(np.stack(imagej.pages), REF)
+    buffer = io.BytesIO()
+    with tifffile.TiffWriter(buffer, ome=True) as tw:  # each figure with a reduced level in SubIFDs
+        for page in REF:
+            tw.write(page, photometric="rgb", subifds=1)
+            tw.write(page[::2, ::2], photometric="rgb", subfiletype=1)
+    ome = read(tmp_path, buffer.getvalue(), "stack.ome.tiff")
+    np.testing.assert_array_equal(np.stack(ome.pages), REF)
+
+
+@pytest.mark.parametrize(
+    ("subfiletype", "role"),
+    [
+        (1, "reduced-resolution overview"),
+        (4, "transparency mask"),
+        (5, "reduced-resolution overview and a transparency mask"),
+    ],
+)
+def test_pages_that_are_not_figures_are_skipped_with_a_warning(tmp_path, caplog, subfiletype, role):
+    buffer = io.BytesIO()
+    with tifffile.TiffWriter(buffer) as tw:
+        tw.write(REF[0], photometric="rgb")
+        tw.write(REF[0, ::2, ::2, 0] > 0 if subfiletype & 4 else REF[0, ::2, ::2], subfiletype=subfiletype,
+                 photometric="minisblack" if subfiletype & 4 else "rgb")  # fmt: skip
+        tw.write(REF[1], photometric="rgb")
+    stack = read(tmp_path, buffer.getvalue())
+    np.testing.assert_array_equal(np.stack(stack.pages), REF)
+    assert f"page 2 is a {role}" in caplog.text
+
+
+def test_the_old_subfiletype_tag_is_honoured(tmp_path):
+    buffer = io.BytesIO()
+    with tifffile.TiffWriter(buffer) as tw:
+        tw.write(REF[0], photometric="rgb")
+        tw.write(REF[1, ::2, ::2], photometric="rgb", extratags=[(255, "H", 1, 2, True)])  # SubfileType 2: reduced
+    np.testing.assert_array_equal(np.stack(read(tmp_path, buffer.getvalue()).pages), REF[:1])
+
+
+def test_a_stack_of_overviews_only_is_refused(tmp_path):
+    assert_refused(tmp_path, tiff_bytes(REF[0], photometric="rgb", subfiletype=1), "no figure pages")
+
+
+def test_a_tiff_tifffile_had_to_repair_is_refused(tmp_path):
+    data = bytearray(tiff_bytes(REF, photometric="rgb"))
+    with tifffile.TiffFile(io.BytesIO(bytes(data))) as tif:  # page 1's next-IFD offset: past the end of the file
+        first = tif.pages[0]
+        at = first.offset + 2 + 12 * len(first.tags)
+    data[at : at + 4] = (len(data) + 64).to_bytes(4, "little")
+    assert_refused(tmp_path, bytes(data), "damaged TIFF")
+
+
+def test_a_sparse_strip_is_refused_not_zero_filled(tmp_path):
+    data = bytearray(tiff_bytes(REF[:1], photometric="rgb", rowsperstrip=8))
+    with tifffile.TiffFile(io.BytesIO(bytes(data))) as tif:
+        tag = tif.pages[0].tags[279]  # StripByteCounts, LONG each
+        at = tag.valueoffset
+    data[at + 4 : at + 8] = (0).to_bytes(4, "little")  # the second strip: no bytes
+    assert_refused(tmp_path, bytes(data), "no data")
+
+
+@pytest.mark.parametrize("side", [16, 300])
+def test_a_page_far_from_128_is_warned_about(tmp_path, caplog, side):
+    read(tmp_path, tiff_bytes(np.zeros((side, side, 3), np.uint8), photometric="rgb"))
+    assert f"{side}x{side} far from the challenge's 128x128" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("pixels", "expected"),
+    [
+        (widen(REF, 8), REF),
+        (widen(REF, 16), REF),
+        (widen(GREY, 8), np.repeat(GREY[..., None], 3, -1)),
+        (widen(GREY, 16), np.repeat(GREY[..., None], 3, -1)),
+        ((REF / 255).astype(np.float32), REF),
+    ],
+    ids=["rgb8", "rgb16", "grey8", "grey16", "float32"],
+)
+@pytest.mark.parametrize("fmt", ["mha", "tiff"])
+def test_simpleitk_files_follow_the_same_policy(tmp_path, pixels, expected, fmt):
+    path = tmp_path / f"stack.{fmt}"
+    sitk.WriteImage(sitk.GetImageFromArray(pixels, isVector=pixels.ndim == 4), str(path))
+    np.testing.assert_array_equal(np.stack(read_stack(path).pages), expected)
+
+
+@pytest.mark.parametrize(
+    ("pixels", "words"),
+    [
+        (REF.astype(np.int16), ("signed int16 samples are not supported",)),
+        (REF.astype(np.float64), ("float64 samples must lie in [0, 1]",)),
+        (np.concatenate([REF, REF[..., :1]], -1), ("expected 1 (grey) or 3 (RGB) components",)),
+    ],
+    ids=["int16", "float64-0-255", "4-components"],
+)
+def test_simpleitk_mha_refusals_match_tiffs(tmp_path, pixels, words):
+    path = tmp_path / "stack.mha"
+    sitk.WriteImage(sitk.GetImageFromArray(pixels, isVector=True), str(path))
+    with pytest.raises(InputError) as refusal:
+        read_stack(path)
+    assert "\n" not in str(refusal.value) and all(w in str(refusal.value) for w in words), refusal.value
+
+
+# The issue's three stacks, written from the organizers' sample pages, answered by process.py as the 8-bit stack is.
+
+
+@pytest.fixture(scope="module")
+def sample_pages() -> np.ndarray:
+    """The organizers' 16 pages, decoded by libtiff (through Pillow), not by the reader under test."""
+    return pillow_decode(shared_path("gc-sample", "input", "images", INPUT_INTERFACE, "stack_5.tiff").read_bytes())
+
+
+def answer(tmp_path, model_dir, write) -> tuple[list[dict], str]:
+    folder = tmp_path / "in" / "images" / INPUT_INTERFACE
+    folder.mkdir(parents=True)
+    write(folder / "stack.tiff")
+    result = run_cli(REPO / "process.py", "--input", tmp_path / "in", "--output", tmp_path / "out", "--model",
+                     model_dir, "--device", "cpu")  # fmt: skip
+    return json.loads((tmp_path / "out" / ANSWER_FILENAME).read_text()), result.stderr
+
+
+def test_the_issues_stacks_get_the_8_bit_stacks_answer(demo_run, sample_pages, tmp_path):
+    ref = sample_pages
+    grey = np.rint(ref @ [0.299, 0.587, 0.114]).astype(np.uint8)
+    model = demo_run["model"]
+
+    def overview(p):
+        with tifffile.TiffWriter(p) as tw:
+            for page in ref:
+                tw.write(page, photometric="rgb")
+            tw.write(ref[0, ::2, ::2], photometric="rgb", subfiletype=1)
+
+    expected, _ = answer(tmp_path / "rgb8", model, lambda p: tifffile.imwrite(p, ref, photometric="rgb"))
+    planes16 = (ref.astype(np.uint16) * 257).transpose(0, 3, 1, 2)
+    planar16, _ = answer(tmp_path / "planar16", model, lambda p: tifffile.imwrite(p, planes16, photometric="rgb",
+                                                                                  planarconfig="separate"))  # fmt: skip
+    with_overview, log = answer(tmp_path / "overview", model, overview)
+    assert len(expected) == 16 and planar16 == expected and with_overview == expected
+    assert "page 17 is a reduced-resolution overview" in log
+    grey8, _ = answer(tmp_path / "grey8", model, lambda p: tifffile.imwrite(p, np.repeat(grey[..., None], 3, -1),
+                                                                            photometric="rgb"))  # fmt: skip
+    grey16, log = answer(tmp_path / "grey16", model, lambda p: tifffile.imwrite(p, grey.astype(np.uint16) * 257,
+                                                                                photometric="minisblack"))  # fmt: skip
+    assert grey16 == grey8 and "16 of 16 page(s) are grey" in log
+
+
+def test_the_sample_reads_as_libtiff_decodes_it(sample_pages):
+    case = process.read_stack(shared_path("gc-sample", "input", "images", INPUT_INTERFACE, "stack_5.tiff"))
+    np.testing.assert_array_equal(np.stack(case.pages), sample_pages)

@@ -26,7 +26,7 @@ WORKDIR /opt/app
 COPY requirements.txt /opt/app/
 RUN pip install --requirement /opt/app/requirements.txt
 
-COPY contracts.py process.py inference.py /opt/app/
+COPY contracts.py reader.py process.py inference.py /opt/app/
 COPY model/ /opt/app/model/
 
 USER user

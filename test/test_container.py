@@ -21,13 +21,22 @@ from pathlib import Path
 
 import pytest
 from compare_answer import answer_mismatches
-from conftest import REPO, red_mean_model, run_cli
+from conftest import REPO, red_mean_model, run_cli, shared_path
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from contracts import ANSWER_FILENAME, ModelManifest
 
 TEST_BASE_IMAGE = os.environ.get("TEST_BASE_IMAGE", "midog25-test-base")
 IMAGE = "midog25-track2-test"
-IMAGE_FILES = ["Dockerfile", ".dockerignore", "requirements.txt", "process.py", "contracts.py", "inference.py"]
+IMAGE_FILES = [
+    "Dockerfile",
+    ".dockerignore",
+    "requirements.txt",
+    "process.py",
+    "reader.py",
+    "contracts.py",
+    "inference.py",
+]
 SCRIPTS = ["test.sh", "export.sh", "test/compare_answer.py"]
 CPU = ["--env", "MIDOG_DEVICE=cpu"]
 # same onnxruntime build and graph inside and outside the image, on the same CPU
@@ -139,7 +148,7 @@ def test_export_sh_writes_the_image_archive_and_the_model_tarball(checkout, expo
 
 def test_image_refuses_to_answer_on_cuda_without_a_gpu(built, tmp_path):
     result, answer = run_case(tmp_path)  # the image's own MIDOG_DEVICE=cuda, no GPU on this host
-    assert result.returncode != 0
+    assert result.returncode == 5  # process.py's code for the device
     assert result.stderr.strip().splitlines()[-1].startswith("ERROR device cuda: the CUDA provider did not load")
     assert not answer.exists()
 
@@ -209,3 +218,29 @@ def test_organizers_harness_loads_copies_out_and_times_the_image(checkout, expor
     assert_golden(out / ANSWER_FILENAME, checkout / "golden.json")
     header, row = (out / "time.csv").read_text().splitlines()
     assert header == "case,seconds" and 0 < float(row.split(",")[1]) < 120
+
+
+def test_score_runs_the_image_once_per_real_stack_and_scores_as_the_leaderboard(checkout, built, tmp_path):
+    """Stacks of real breast-subset figures with their known labels: ``score --image`` starts the image once per
+    stack; its answers are process.py's on this machine, and its figures sklearn's from the same answers."""
+    cases, answers, metrics = tmp_path / "cases", tmp_path / "answers", tmp_path / "metrics.json"
+    run_cli("-m", "training", "stacks", "--data-root", shared_path("midog25-breast-subset"), "--output", cases,
+            "--stacks", "3", "--domain", "scanner")  # fmt: skip
+    run_cli("-m", "training", "score", "--ground-truth", cases / "ground_truth.json", "--answers", answers,
+            "--image", IMAGE, "--device", "cpu", "--json", metrics)  # fmt: skip
+    labels, classes, scores = [], [], []
+    for stack in json.loads((cases / "ground_truth.json").read_text()):
+        name = Path(stack["image"]).stem
+        run_cli(REPO / "process.py", "--input", cases / name, "--output", tmp_path / "host" / name, "--model",
+                checkout / "model", "--device", "cpu")  # fmt: skip
+        host = tmp_path / "host" / name / ANSWER_FILENAME
+        assert_golden(answers / name / ANSWER_FILENAME, host)
+        labels += [label == "atypical" for label in stack["labels"]]
+        classes += [entry["class"] == "atypical" for entry in json.loads(host.read_text())]
+        scores += [entry["confidence"] for entry in json.loads(host.read_text())]
+    overall = json.loads(metrics.read_text())["aggregates"]
+    assert len(labels) == 48
+    assert overall["overall_balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, classes))
+    assert overall["overall_roc_auc"] == pytest.approx(roc_auc_score(labels, scores))
+    times = (answers / "times.csv").read_text().splitlines()
+    assert times[0] == "stack,seconds,returncode" and [row.split(",")[2] for row in times[1:]] == ["0"] * 3

@@ -26,7 +26,7 @@ def test_dockerfile_follows_the_contract():
     requirements = (REPO / "requirements.txt").read_text()
     assert re.search(r"^onnxruntime-gpu==1\.2[0-6]\.\d+$", requirements, re.M), "pin a CUDA 12 onnxruntime-gpu"
     assert text.index("COPY requirements.txt") < text.index("pip install --requirement /opt/app/requirements.txt")
-    assert text.index("pip install") < text.index("COPY contracts.py process.py inference.py")
+    assert text.index("pip install") < text.index("COPY contracts.py reader.py process.py inference.py")
     users = re.findall(r"^USER (\S+)", text, re.M)
     assert users and users[-1] not in ("root", "0")
     assert json.loads(re.search(r"^ENTRYPOINT (.+)$", text, re.M).group(1)) == ["python", "/opt/app/inference.py"]
@@ -44,7 +44,7 @@ def test_inference_py_is_process_main_and_nothing_else():
 def test_dockerignore_keeps_the_context_small():
     rules = (REPO / ".dockerignore").read_text().split()
     assert rules[rules.index("*")] == "*"
-    assert {"!requirements.txt", "!process.py", "!contracts.py", "!inference.py", "!model/"} <= set(rules)
+    assert {"!requirements.txt", "!process.py", "!reader.py", "!contracts.py", "!inference.py", "!model/"} <= set(rules)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -12,6 +12,7 @@ import torch
 from test_container_scripts import docker_calls, repo_copy, run_script
 
 import process
+import reader
 from contracts import build_answer
 from training.adapt import load_fold_model
 from training.config import load_config
@@ -23,7 +24,7 @@ def pytorch_answer(run_dir, case_dir) -> list[dict]:
     cfg = load_config(run_dir / "config.yaml")
     folds = [load_fold_model(cfg, run_dir / f"fold_{k}") for k in range(cfg.folds)]
     preprocess = Preprocess.for_backbone(folds[0].get_base_model().backbone)
-    pixels = torch.from_numpy(np.stack(process.read_stack(process.find_stack(case_dir)).pages))
+    pixels = torch.from_numpy(np.stack(reader.read_stack(process.find_stack(case_dir)).pages))
     with torch.no_grad():
         probs = torch.stack([torch.sigmoid(fold(preprocess(pixels))) for fold in folds]).mean(dim=0)
     threshold = json.loads((run_dir / "summary.json").read_text())["threshold"]

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from contracts import build_answer, validate_answer
-from process import InputError, OnnxEnsemble, read_stack
+from process import OnnxEnsemble
+from reader import InputError, read_stack
 
 
 def _tiff(pages: list[Image.Image], **options) -> bytes:

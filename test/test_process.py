@@ -11,6 +11,7 @@ from conftest import REPO, red_mean_model, run_cli, shared_path
 from PIL import Image
 
 import process
+import reader
 from contracts import ANSWER_FILENAME, INPUT_INTERFACE, resample_to_pixel_size, validate_answer
 from training.synthetic import synthetic_figures, write_case
 
@@ -315,12 +316,12 @@ def test_a_model_without_a_pixel_size_serves_every_page_as_it_is(tmp_path):
     ],
 )
 def test_tiff_resolution_tags_give_a_plausible_pixel_size_or_none(tags, um):
-    got = process.tiff_pixel_size(tags)
+    got = reader.tiff_pixel_size(tags)
     assert got == pytest.approx(um) if um is not None else got is None
 
 
 def test_the_organizers_sample_stack_records_its_pixel_size():
-    case = process.read_stack(process.find_stack(shared_path("gc-sample", "input")))
+    case = reader.read_stack(process.find_stack(shared_path("gc-sample", "input")))
     assert len(case.pixel_sizes_um) == 16
     assert all(um == pytest.approx(0.2487, abs=1e-3) for um in case.pixel_sizes_um)  # a 40x scan's
 

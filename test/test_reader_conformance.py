@@ -21,9 +21,9 @@ import tifffile
 from conftest import REPO, run_cli, shared_path
 from PIL import Image
 
-import process
+import reader
 from contracts import ANSWER_FILENAME, INPUT_INTERFACE
-from process import InputError, read_stack
+from reader import InputError, read_stack
 
 
 def reference_pages(n: int = 2, side: int = 48) -> np.ndarray:
@@ -395,5 +395,5 @@ def test_the_issues_stacks_get_the_8_bit_stacks_answer(demo_run, sample_pages, t
 
 
 def test_the_sample_reads_as_libtiff_decodes_it(sample_pages):
-    case = process.read_stack(shared_path("gc-sample", "input", "images", INPUT_INTERFACE, "stack_5.tiff"))
+    case = reader.read_stack(shared_path("gc-sample", "input", "images", INPUT_INTERFACE, "stack_5.tiff"))
     np.testing.assert_array_equal(np.stack(case.pages), sample_pages)

@@ -1,19 +1,12 @@
-"""Container timings: the cold start of ``process.py`` and where it goes, and ours against the peer approach.
-
-``python -m training cold-start MODEL_DIR [--input CASE] [--device cpu|cuda] [--repeats 5] [--json OUT]`` runs
-``process.py`` as the container does, ``repeats`` times in fresh processes, and times the parts in fresh processes
-too: the interpreter with ``process.py``'s imports, the ONNX Runtime session, and one stack's inference. It also
-times, interleaved, opening the served graph as exported against opening a copy ONNX Runtime optimized ahead of
-time (basic level, the provider-independent one): whether shipping a pre-optimized graph would shorten the start.
-"""
+"""Ours against the peer approach on one stack (``python -m training bench``): merged folds in one ONNX graph,
+the stack as one batch, int8 on the CPU / fp16 on CUDA, against PyTorch eager with a PeftModel per fold, one image
+at a time, fp32, from the same random weights; and the helpers ``bench-train`` shares."""
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,95 +17,11 @@ import torch
 from peft import PeftModel
 from tqdm import tqdm
 
-from contracts import ANSWER_FILENAME
-from training.model import Ensemble, Preprocess
+from training.lab.cold_start import SAMPLE_CASE, cold_start
+from training.model import Ensemble
+from training.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
-
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE_CASE = REPO / "test" / "input"
-
-# One fresh process: import what process.py imports, open the session, answer the stack; print the three times.
-_PARTS = """
-import json, sys, time
-started = time.perf_counter()
-import process
-imported = time.perf_counter()
-ensemble = process.OnnxEnsemble(process.Path(sys.argv[1]), sys.argv[2])
-loaded = time.perf_counter()
-case = process.read_stack(process.find_stack(process.Path(sys.argv[3])))
-ensemble.predict(case.pages, pixel_sizes_um=case.pixel_sizes_um)
-done = time.perf_counter()
-print(json.dumps({"imports_s": imported - started, "session_s": loaded - imported, "predict_s": done - loaded,
-                  "precision": ensemble.precision, "provider": ensemble.provider}))
-"""
-
-
-def _median(runs: list[dict], key: str) -> float:
-    return statistics.median(r[key] for r in runs)
-
-
-def session_seconds(model_dir: Path, device: str = "cpu", repeats: int = 5) -> dict[str, float]:
-    """Median seconds to open the served graph as exported vs pre-optimized at basic level, interleaved."""
-    import onnxruntime as ort
-
-    from contracts import ModelManifest
-
-    _, graph = ModelManifest.load(model_dir).graph_for(device)
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-    with tempfile.TemporaryDirectory() as tmp:
-        optimized = Path(tmp) / graph
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        options.optimized_model_filepath = str(optimized)
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{graph}.data")
-        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        ort.InferenceSession(str(model_dir / graph), options, providers=providers)
-        times: dict[str, list[float]] = {"session_as_exported_s": [], "session_preoptimized_s": []}
-        for _ in range(repeats):
-            for key, path in (("session_as_exported_s", model_dir / graph), ("session_preoptimized_s", optimized)):
-                started = time.perf_counter()
-                ort.InferenceSession(str(path), providers=providers)
-                times[key].append(time.perf_counter() - started)
-    return {key: statistics.median(values) for key, values in times.items()}
-
-
-def cold_start(model_dir: Path, case_dir: Path = SAMPLE_CASE, device: str = "cpu", repeats: int = 5) -> dict:
-    """Median seconds from process start to the answer written, and of its parts, over ``repeats`` runs each."""
-    totals, parts = [], []
-    with tempfile.TemporaryDirectory() as out:
-        for _ in range(repeats):
-            command = [sys.executable, str(REPO / "process.py"), "--input", str(case_dir), "--output", out,
-                       "--model", str(model_dir), "--device", device]  # fmt: skip
-            started = time.perf_counter()
-            result = subprocess.run(command, capture_output=True, text=True, check=False)
-            totals.append(time.perf_counter() - started)
-            if result.returncode != 0 or not (Path(out) / ANSWER_FILENAME).is_file():
-                raise RuntimeError(f"process.py failed: {result.stderr.strip().splitlines()[-1:]}")
-            measured = subprocess.run([sys.executable, "-c", _PARTS, str(model_dir), device, str(case_dir)],
-                                      capture_output=True, text=True, check=True, cwd=REPO)  # fmt: skip
-            parts.append(json.loads(measured.stdout.strip().splitlines()[-1]))
-    return {
-        "device": device,
-        "provider": parts[0]["provider"],
-        "precision": parts[0]["precision"],
-        "repeats": repeats,
-        "cold_start_s": statistics.median(totals),
-        "cold_start_s_min": min(totals),
-        **{key: _median(parts, key) for key in ("imports_s", "session_s", "predict_s")},
-        **session_seconds(model_dir, device, repeats),
-    }
-
-
-def report(result: dict, json_out: Path | None) -> dict:
-    print(json.dumps(result, indent=1))  # the report is the command's output
-    if json_out is not None:
-        json_out.write_text(json.dumps(result, indent=1) + "\n")
-        log.info("wrote %s", json_out)
-    return result
-
-
-# --- ours vs the peer approach, one 16-page stack ------------------------------------------------------------------
 
 # --backbone name -> registry entry: Virchow's blocks at three sizes, random weights
 BENCH_BACKBONES = {"tiny-virchow": "tiny-virchow", "vit-base": "vit-base-random", "virchow-size": "virchow-size-random"}
@@ -198,8 +107,14 @@ def hardware_description(device: str, precision: str) -> tuple[str, float | None
         name = torch.cuda.get_device_name()
         peaks = next((peaks for key, peaks in GPU_PEAK_TFLOPS.items() if key in name), {})
         return name, peaks.get(precision)
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "unknown CPU")  # fmt: skip
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown CPU",
+    )
     return f"{model}, {torch.get_num_threads()} threads", None
 
 
@@ -211,7 +126,7 @@ def cpu_matmul_ceiling_tflops(precision: str, size: int = 2048, repeats: int = 7
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from training.export import write_int8
+    from training.precision import write_int8
 
     rng = np.random.default_rng(0)
     weight = numpy_helper.from_array(rng.standard_normal((size, size), dtype=np.float32), "w")
@@ -234,16 +149,36 @@ def cpu_matmul_ceiling_tflops(precision: str, size: int = 2048, repeats: int = 7
 def versions() -> dict[str, str]:
     import onnxruntime
 
-    from training.train import library_versions
+    from training.run import library_versions
 
     return {**library_versions(), "onnxruntime": onnxruntime.__version__, "python": sys.version.split()[0]}
 
 
-def bench_stack(device: str = "cpu", backbone: str = "tiny-virchow", repeats: int = 5, case_dir: Path = SAMPLE_CASE,
-                cold_repeats: int = 3, peak_tflops: float | None = None) -> dict:  # fmt: skip
+def _peak(device: str, precision: str, given: float | None) -> tuple[str, float | None, str]:
+    """The hardware in words, and the peak TFLOP/s to set the achieved ones against, with where it came from:
+    ``given``, else the GPU's table entry, else on a CPU the measured matmul ceiling."""
+    hardware, gpu_peak = hardware_description(device, precision)
+    if given is not None:
+        return hardware, given, "--peak-tflops"
+    if gpu_peak is not None:
+        return hardware, gpu_peak, f"GPU's dense {precision} peak"
+    if device == "cpu":
+        return hardware, cpu_matmul_ceiling_tflops(precision), f"measured {precision} matmul ceiling"
+    return hardware, None, "GPU's dense peak"
+
+
+def bench_stack(
+    device: str = "cpu",
+    backbone: str = "tiny-virchow",
+    repeats: int = 5,
+    case_dir: Path = SAMPLE_CASE,
+    cold_repeats: int = 3,
+    peak_tflops: float | None = None,
+) -> dict:
     """Both paths from the same random weights on one stack, interleaved after a warm-up; medians per stack."""
     import process
-    from training.export import PARITY_PATCHES, REDUCED_PRECISIONS, export_ensemble
+    from training.export import PARITY_PATCHES, export_ensemble
+    from training.precision import REDUCED_PRECISIONS
     from training.synthetic import synthetic_figures
 
     if device == "cuda" and not torch.cuda.is_available():
@@ -261,15 +196,23 @@ def bench_stack(device: str = "cpu", backbone: str = "tiny-virchow", repeats: in
     with tempfile.TemporaryDirectory(prefix="bench-model-") as tmp:
         model_dir = Path(tmp)
         manifest = export_ensemble(
-            [m.cpu() for m in merged], parity_pixels, 0.5, model_dir, backbone=backbone,
-            training_config={"bench": f"{BENCH_FOLDS} random LoRA rank-8 folds"}, oof_metrics={},
+            [m.cpu() for m in merged],
+            parity_pixels,
+            0.5,
+            model_dir,
+            backbone=backbone,
+            training_config={"bench": f"{BENCH_FOLDS} random LoRA rank-8 folds"},
+            oof_metrics={},
             reduced_precisions=tuple(r for r in REDUCED_PRECISIONS if r.device == device),  # the one served here
-        )  # fmt: skip
+        )
         del merged, ensemble
         ours = process.OnnxEnsemble(model_dir, device)
         fp32 = process.OnnxEnsemble(model_dir, device, precision="fp32")
-        paths = {"peer": lambda: peer_predict(folds, preprocess, pages), "ours": lambda: ours.predict(pages),
-                 "ours_fp32": lambda: fp32.predict(pages)}  # fmt: skip
+        paths = {
+            "peer": lambda: peer_predict(folds, preprocess, pages),
+            "ours": lambda: ours.predict(pages),
+            "ours_fp32": lambda: fp32.predict(pages),
+        }
         answers = {name: run() for name, run in paths.items()}  # warm-up; and the paths must agree
         times: dict[str, list[float]] = {name: [] for name in paths}
         for _ in tqdm(range(repeats), desc=f"bench {backbone} on {device}", unit="round"):
@@ -277,12 +220,7 @@ def bench_stack(device: str = "cpu", backbone: str = "tiny-virchow", repeats: in
                 times[name].append(timed(run, device))
         cold = cold_start(model_dir, case_dir, device, cold_repeats)
     seconds = {name: statistics.median(t) for name, t in times.items()}
-    hardware, gpu_peak = hardware_description(device, ours.precision)
-    peak, peak_source = peak_tflops, "--peak-tflops"
-    if peak is None:
-        peak, peak_source = gpu_peak, f"GPU's dense {ours.precision} peak"
-    if peak is None and device == "cpu":
-        peak, peak_source = cpu_matmul_ceiling_tflops(ours.precision), f"measured {ours.precision} matmul ceiling"
+    hardware, peak, peak_source = _peak(device, ours.precision, peak_tflops)
     return {
         "device": device,
         "backbone": backbone,

@@ -25,10 +25,10 @@ from PIL import Image, ImageFilter
 
 from contracts import classify
 from process import OnnxEnsemble
-from training.data import JPEG_BLOCK
+from training.augment import rescale_stains
 from training.evaluate import figures as classification_figures
+from training.lab.describe import JPEG_BLOCK
 from training.predict import figures_to_score
-from training.train import rescale_stains
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,9 @@ RENDERINGS = (
 )
 
 
-def probe(model_dir: Path, data_root: Path, scanners: list[str] | None = None, device: str = "cpu",
-          seed: int = 0) -> dict[str, dict[str, float]]:  # fmt: skip
+def probe(
+    model_dir: Path, data_root: Path, scanners: list[str] | None = None, device: str = "cpu", seed: int = 0
+) -> dict[str, dict[str, float]]:
     """Per rendering (``RENDERINGS``, in order): ``evaluate``'s figures (each class's mean probability among them)
     at the manifest's threshold. Every rendering draws from its own generator seeded with ``seed``: reruns agree.
     A figure whose scanner has no known pixel size is served as it is: the pixel-size renderings leave it be."""
@@ -115,8 +116,13 @@ def probe(model_dir: Path, data_root: Path, scanners: list[str] | None = None, d
         pages = [rendering.render(p, rng) for p in pixels] if rendering.render else list(pixels)
         served_sizes = [None if s is None else s * rendering.pixel_size_factor for s in sizes]
         probs = ensemble.predict(pages, pixel_sizes_um=served_sizes)
-        preds = np.array([classify(float(p), ensemble.manifest.threshold) == "atypical" for p in probs], dtype=int)
+        preds = classify(probs, ensemble.manifest.threshold).astype(int)
         results[rendering.name] = row = classification_figures(labels, preds, probs)
-        log.info("%s: mean P normal %.3f, atypical %.3f; BA %.3f", rendering.name, row["mean_prob_normal"],
-                 row["mean_prob_atypical"], row["balanced_accuracy"])  # fmt: skip
+        log.info(
+            "%s: mean P normal %.3f, atypical %.3f; BA %.3f",
+            rendering.name,
+            row["mean_prob_normal"],
+            row["mean_prob_atypical"],
+            row["balanced_accuracy"],
+        )
     return results

@@ -24,9 +24,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from training.adapt import apply_lora
-from training.bench import BENCH_BACKBONES, BENCH_LORA, hardware_description, set_fused_attention, timed, versions
 from training.config import LoraSettings
-from training.model import Preprocess, build_classifier
+from training.lab.bench import BENCH_BACKBONES, BENCH_LORA, hardware_description, set_fused_attention, timed, versions
+from training.model import build_classifier
+from training.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,13 @@ def set_recipe(model: torch.nn.Module, fused_attention: bool, checkpointing: boo
     model.get_base_model().backbone.set_grad_checkpointing(checkpointing)
 
 
-def bench_train(device: str = "cpu", backbone: str = "tiny-virchow", batch_size: int = 16, steps: int = 5,
-                peak_tflops: float | None = None) -> dict:  # fmt: skip
+def bench_train(
+    device: str = "cpu",
+    backbone: str = "tiny-virchow",
+    batch_size: int = 16,
+    steps: int = 5,
+    peak_tflops: float | None = None,
+) -> dict:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: torch sees no GPU here")
     dev = torch.device(device)
@@ -79,13 +85,22 @@ def bench_train(device: str = "cpu", backbone: str = "tiny-virchow", batch_size:
             times[name].append(timed(lambda bf16=bf16: step(bf16), device))
     hardware, gpu_peak = hardware_description(device, "bf16")
     peak = peak_tflops or gpu_peak
-    result = {"device": device, "backbone": backbone, "batch_size": batch_size,
-              "model_tflop_per_step": flops_per_step / 1e12, "peak_tflops": peak}  # fmt: skip
+    result = {
+        "device": device,
+        "backbone": backbone,
+        "batch_size": batch_size,
+        "model_tflop_per_step": flops_per_step / 1e12,
+        "peak_tflops": peak,
+    }
     for name, values in times.items():
         seconds = statistics.median(values)
         achieved = flops_per_step / seconds / 1e12
-        result[name] = {"s_per_step": seconds, "images_per_s": batch_size / seconds,
-                        "achieved_tflops": achieved, "mfu": achieved / peak if peak else None}  # fmt: skip
+        result[name] = {
+            "s_per_step": seconds,
+            "images_per_s": batch_size / seconds,
+            "achieved_tflops": achieved,
+            "mfu": achieved / peak if peak else None,
+        }
     result["speedup"] = result["naive"]["s_per_step"] / result["optimized"]["s_per_step"]
     result.update({"steps": steps, "hardware": hardware, "versions": versions()})
     return result

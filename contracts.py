@@ -53,9 +53,14 @@ class FigureAnswer(BaseModel):
         return value
 
 
-def classify(prob_atypical: float, threshold: float) -> Label:
-    """The decision rule, used when the threshold is chosen (training) and when it is applied (serving)."""
-    return "atypical" if prob_atypical >= threshold else "normal"
+def classify(prob_atypical: float | np.ndarray | Sequence[float], threshold: float) -> np.ndarray:
+    """The decision rule, where the threshold is chosen (training) and where it is applied (serving): True
+    (atypical) where P(atypical) >= ``threshold``. Any shape in, bool of that shape out, compared in float64."""
+    return np.asarray(prob_atypical, dtype=np.float64) >= threshold
+
+
+def label_of(atypical: bool | np.bool_) -> Label:
+    return "atypical" if atypical else "normal"
 
 
 def resample_to_pixel_size(pixels: np.ndarray, source_um: float, target_um: float) -> np.ndarray:
@@ -94,7 +99,7 @@ def build_answer(probs: Sequence[float], threshold: float) -> list[dict[str, Any
         p = float(p)
         if not math.isfinite(p):
             raise ContractError(f"model produced a non-finite probability ({p})")
-        entry = FigureAnswer(label=classify(p, threshold), confidence=p)
+        entry = FigureAnswer(label=label_of(classify(p, threshold)), confidence=p)
         answer.append(entry.model_dump(by_alias=True))
     return answer
 

@@ -53,7 +53,8 @@ def red_mean_model(model_dir: Path, pixel_size_um: float | None = None) -> Path:
 
     from contracts import ModelManifest, sha256_of
     from training.export import export_onnx
-    from training.model import Ensemble, Preprocess
+    from training.model import Ensemble
+    from training.preprocess import Preprocess
 
     class RedMean(nn.Module):
         def forward(self, x):
@@ -65,9 +66,15 @@ def red_mean_model(model_dir: Path, pixel_size_um: float | None = None) -> Path:
     export_onnx(ensemble.eval(), torch.zeros(2, 128, 128, 3, dtype=torch.uint8), model_dir / "ensemble.onnx")
     files = {p.name: sha256_of(p) for p in model_dir.iterdir()}
     manifest = ModelManifest(
-        backbone="red-mean", folds=2, threshold=0.5, pixel_size_um=pixel_size_um, graphs={"fp32": "ensemble.onnx"},
+        backbone="red-mean",
+        folds=2,
+        threshold=0.5,
+        pixel_size_um=pixel_size_um,
+        graphs={"fp32": "ensemble.onnx"},
         files=files,
-        training_config={}, oof_metrics={}, created_utc="2026-01-01T00:00:00+00:00",
-    )  # fmt: skip
+        training_config={},
+        oof_metrics={},
+        created_utc="2026-01-01T00:00:00+00:00",
+    )
     (model_dir / "manifest.json").write_text(manifest.model_dump_json())
     return model_dir

@@ -20,7 +20,8 @@ from training.backbones import (
     load_pretrained_vit,
 )
 from training.config import LoraSettings
-from training.model import Preprocess, build_classifier
+from training.model import build_classifier
+from training.preprocess import Preprocess
 
 
 def _save_timm_folder(model: nn.Module, folder):
@@ -67,9 +68,14 @@ def test_tiny_virchow_is_rebuilt_identically():
 
 @pytest.mark.parametrize(
     ("name", "prefix_tokens", "embedding"),
-    [("tiny-virchow", 1, 192), ("tiny-virchow2", 5, 192), ("tiny-uni", 1, 96), ("tiny-uni2-h", 9, 96),
-     ("tiny-h-optimus-0", 5, 96)],
-)  # fmt: skip
+    [
+        ("tiny-virchow", 1, 192),
+        ("tiny-virchow2", 5, 192),
+        ("tiny-uni", 1, 96),
+        ("tiny-uni2-h", 9, 96),
+        ("tiny-h-optimus-0", 5, 96),
+    ],
+)
 def test_foundation_stand_ins_pool_as_their_models_do(name, prefix_tokens, embedding):
     clf = build_classifier(name).eval()
     assert clf.num_prefix_tokens == prefix_tokens and clf.embedding_dim == embedding
@@ -99,25 +105,22 @@ def test_task_specific_models_take_native_128px_patches(name):
 
 def test_standardized_input_ignores_a_gain_and_offset_per_channel():
     """What a scanner or stain changes as gain and offset per colour channel cannot change the answer."""
-    from training.config import TrainConfig
-    from training.model import classifier_for
-
     torch.manual_seed(0)  # the backbones' random initialization
-    cfg = TrainConfig(backbone="efficientnetv2-b0-scratch", mode="full", standardize_input=True)
-    clf = classifier_for(cfg, head_seed=1).eval()
-    plain = build_classifier("efficientnetv2-b0-scratch", head_seed=1).eval()
-    x = torch.randn(3, 3, 128, 128)
-    shifted = x * torch.tensor([0.6, 1.3, 0.9]).view(1, 3, 1, 1) + torch.tensor([0.4, -0.2, 0.1]).view(1, 3, 1, 1)
+    clf = build_classifier("efficientnetv2-b0-scratch", head_seed=1).eval()
+    standardized = Preprocess.for_backbone(clf.backbone, "channels")
+    plain = Preprocess.for_backbone(clf.backbone)
+    x = torch.randint(40, 200, (3, 128, 128, 3), dtype=torch.uint8)
+    gain, offset = torch.tensor([0.6, 1.3, 0.9]), torch.tensor([40.0, -20.0, 10.0])
+    shifted = x.float() * gain + offset  # float pixels: no rounding, so the gain and offset are exact
     with torch.no_grad():
         # an untrained network's logits are small (~1e-3): compare at a scale well below them
-        torch.testing.assert_close(clf(shifted), clf(x), atol=1e-6, rtol=1e-3)
-        assert (plain(shifted) - plain(x)).abs().max() > 1e-4
+        torch.testing.assert_close(clf(standardized(shifted)), clf(standardized(x)), atol=1e-6, rtol=1e-3)
+        assert (clf(plain(shifted)) - clf(plain(x))).abs().max() > 1e-4
 
 
 def test_equalized_detail_gives_soft_and_sharp_images_one_detail_level():
     """Blurred or unsharp-masked, an image reaches the backbone with its detail band at DETAIL_RMS, its blur kept."""
-    from training.config import TrainConfig
-    from training.model import DETAIL_RMS, binomial_blur, detail_rms, equalize_detail, standardize_channels
+    from training.preprocess import DETAIL_RMS, binomial_blur, detail_rms, equalize_detail, standardize_channels
     from training.synthetic import synthetic_figures
 
     pixels, _ = synthetic_figures(2, seed=0, n_slides=2)
@@ -132,63 +135,6 @@ def test_equalized_detail_gives_soft_and_sharp_images_one_detail_level():
         detail, moved = (v - binomial_blur(v)).flatten(1), (out - binomial_blur(v)).flatten(1)
         scale = (moved * detail).sum(1, keepdim=True) / detail.square().sum(1, keepdim=True)
         torch.testing.assert_close(moved, scale * detail, rtol=0, atol=1e-5)  # only the detail was scaled
-    with pytest.raises(ValueError, match="set standardize_input true"):
-        TrainConfig(backbone="efficientnetv2-b0-scratch", mode="full", standardize_detail=True)
-
-
-def test_detail_ceiling_softens_sharp_images_and_keeps_soft_ones():
-    from training.config import TrainConfig
-    from training.model import DETAIL_RMS_CEILING, binomial_blur, detail_rms, equalize_detail, standardize_channels
-    from training.synthetic import synthetic_figures
-
-    pixels, _ = synthetic_figures(2, seed=0, n_slides=2)
-    x = standardize_channels(torch.from_numpy(pixels).permute(0, 3, 1, 2).float())
-    sharp, soft = x + 1.5 * (x - binomial_blur(x)), binomial_blur(binomial_blur(x))
-    assert (detail_rms(sharp) > DETAIL_RMS_CEILING).all() and (detail_rms(soft) < DETAIL_RMS_CEILING).all()
-    softened = equalize_detail(sharp, DETAIL_RMS_CEILING, only_down=True)
-    torch.testing.assert_close(detail_rms(softened), torch.full((2,), DETAIL_RMS_CEILING), rtol=1e-4, atol=0)
-    torch.testing.assert_close(equalize_detail(soft, DETAIL_RMS_CEILING, only_down=True), soft, rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="set standardize_detail true"):
-        TrainConfig(backbone="efficientnetv2-b0-scratch", mode="full", standardize_input=True, detail_ceiling=True)
-
-
-def test_mid_band_standardization_gives_every_figure_one_detail_and_one_mid_band_level():
-    """However a figure's 1-3 px structure was scaled (a scanner's optics), it reaches the backbone with its detail
-    band at DETAIL_RMS exactly and its mid band at MID_BAND_RMS within 3%; without the option, the mid band stays."""
-    from training.config import TrainConfig
-    from training.model import (
-        DETAIL_RMS,
-        MID_BAND_RMS,
-        band_rms,
-        classifier_for,
-        detail_rms,
-        equalize_band,
-        mid_band,
-        standardize_channels,
-    )
-    from training.synthetic import synthetic_figures
-
-    pixels, _ = synthetic_figures(2, seed=0, n_slides=2)
-    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float()
-    versions = [x + g * mid_band(x) for g in (-0.5, 0.0, 1.0)]  # mid band at half, as is, double
-    before = torch.stack([band_rms(standardize_channels(v), mid_band) for v in versions])
-    assert before.max() > 1.4 * before.min()
-    # one band alone is reached exactly, as the detail band is
-    once = equalize_band(standardize_channels(versions[2]), mid_band, MID_BAND_RMS)
-    torch.testing.assert_close(band_rms(once, mid_band), torch.full((2,), MID_BAND_RMS), rtol=1e-4, atol=0)
-    base = {"backbone": "efficientnetv2-b0-scratch", "mode": "full", "standardize_input": True}
-    both = classifier_for(TrainConfig(**base, standardize_detail=True, standardize_mid_band=True))
-    detail_only = classifier_for(TrainConfig(**base, standardize_detail=True))
-    for v in versions:
-        out = both._standardized(v)
-        torch.testing.assert_close(detail_rms(out), torch.full((2,), DETAIL_RMS), rtol=1e-4, atol=0)
-        torch.testing.assert_close(band_rms(out, mid_band), torch.full((2,), MID_BAND_RMS), rtol=0.03, atol=0)
-    kept = torch.stack([band_rms(detail_only._standardized(v), mid_band) for v in versions])
-    assert kept.max() > 1.2 * kept.min(), kept
-    with pytest.raises(ValueError, match="set standardize_detail true and detail_ceiling false"):
-        TrainConfig(**base, standardize_mid_band=True)
-    with pytest.raises(ValueError, match="set standardize_detail true and detail_ceiling false"):
-        TrainConfig(**base, standardize_detail=True, detail_ceiling=True, standardize_mid_band=True)
 
 
 def test_embedding_is_cls_plus_mean_of_patch_tokens():

@@ -31,8 +31,15 @@ def tiny_virchow_stack_gflops() -> float:
 def test_bench_times_peer_and_ours_on_the_same_weights(tmp_path):
     run_cli("-m", "training", "bench", "--backbone", "tiny-virchow", "--repeats", "2", "--json", tmp_path / "b.json")
     result = json.loads((tmp_path / "b.json").read_text())
-    required = ("device", "backbone", "peer_s_per_stack", "ours_s_per_stack", "cold_start_s", "gflops_per_stack",
-                "achieved_tflops")  # fmt: skip
+    required = (
+        "device",
+        "backbone",
+        "peer_s_per_stack",
+        "ours_s_per_stack",
+        "cold_start_s",
+        "gflops_per_stack",
+        "achieved_tflops",
+    )
     assert set(required) <= set(result) and result["device"] == "cpu" and result["backbone"] == "tiny-virchow"
     assert all(result[key] > 0 for key in required[2:])
     assert result["gflops_per_stack"] == pytest.approx(tiny_virchow_stack_gflops(), rel=1e-9)
@@ -50,7 +57,7 @@ def test_peer_folds_are_unmerged_lora_models_that_merging_changes():
     import torch
     from peft import PeftModel
 
-    from training.bench import peer_folds
+    from training.lab.bench import peer_folds
 
     folds = peer_folds("tiny-virchow", torch.device("cpu"))
     assert len(folds) == 3 and all(isinstance(f, PeftModel) for f in folds)

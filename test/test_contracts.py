@@ -60,8 +60,12 @@ def test_answer_confidences_are_json_floats_even_for_round_values():
 
 
 def test_threshold_decides_the_class():
-    assert classify(0.29, 0.3) == "normal"
-    assert classify(0.30, 0.3) == "atypical"
+    assert not classify(0.29, 0.3)
+    assert classify(0.30, 0.3)
+    probs = np.array([[0.1, 0.3], [0.5, 0.29]])
+    np.testing.assert_array_equal(classify(probs, 0.3), [[False, True], [True, False]])
+    # float32 probabilities are compared in float64, as a served float(p) is: 0.3f > 0.3
+    assert classify(np.float32(0.3), 0.3) == (float(np.float32(0.3)) >= 0.3)
     assert [e["class"] for e in build_answer([0.2, 0.4], threshold=0.35)] == ["normal", "atypical"]
 
 

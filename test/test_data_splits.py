@@ -19,7 +19,8 @@ from training.data import (
     normalize_scanner,
     read_midog25,
 )
-from training.splits import SPLITS_FILE, load_or_create_splits, make_folds, slide_grouped_folds
+from training.run import RunFolder
+from training.splits import load_or_create_splits, make_folds, slide_grouped_folds
 from training.synthetic import write_midog25
 
 
@@ -48,8 +49,11 @@ def test_describe_shows_the_real_scanners_differ_most_in_sharpness(breast_subset
     result = run_cli("-m", "training", "describe", "--data-root", shared_path("midog25-breast-subset"), "--json", out)
     assert "Hamamatsu S360" in result.stdout and "sharpness" in result.stdout
     domains = json.loads(out.read_text())
-    assert {d: v["figures"] for d, v in domains.items()} == {"Aperio CS2": 688, "Hamamatsu S360": 582,
-                                                              "Hamamatsu XR": 451}  # fmt: skip
+    assert {d: v["figures"] for d, v in domains.items()} == {
+        "Aperio CS2": 688,
+        "Hamamatsu S360": 582,
+        "Hamamatsu XR": 451,
+    }
     sharp = {d: v["sharpness"] for d, v in domains.items()}
     assert sharp["Aperio CS2"] > 1.5 * sharp["Hamamatsu S360"] and sharp["Hamamatsu XR"] > sharp["Hamamatsu S360"]
     detail = {d: v["detail_rms"] for d, v in domains.items()}  # the same order once colour is standardized
@@ -65,8 +69,17 @@ def test_describe_shows_the_real_scanners_differ_most_in_sharpness(breast_subset
     assert abs(domains["Hamamatsu XR"]["atypical_share"] - np.mean([f.label for f in xr])) < 1e-12
     # as the model sees them (pixel_size_um 0.23): the Hamamatsu scanners' figures are already at 0.23 um/px and
     # stay as they are; Aperio CS2's (0.25) are magnified, which softens them, and keep more mid-band contrast
-    run_cli("-m", "training", "describe", "--data-root", shared_path("midog25-breast-subset"), "--json", out,
-            "--pixel-size-um", "0.23")  # fmt: skip
+    run_cli(
+        "-m",
+        "training",
+        "describe",
+        "--data-root",
+        shared_path("midog25-breast-subset"),
+        "--json",
+        out,
+        "--pixel-size-um",
+        "0.23",
+    )
     resampled = json.loads(out.read_text())
     for scanner in ("Hamamatsu S360", "Hamamatsu XR"):
         assert resampled[scanner] == domains[scanner]
@@ -105,12 +118,13 @@ def test_real_subset_folds_are_grouped_by_slide_and_stratified(breast_subset):
 
 
 def test_splits_are_persisted_and_reused(tmp_path, breast_subset):
-    folds = load_or_create_splits(tmp_path, breast_subset, TrainConfig(seed=1))
-    saved = json.loads((tmp_path / SPLITS_FILE).read_text())
+    folds = load_or_create_splits(RunFolder(tmp_path), breast_subset, TrainConfig(seed=1))
+    saved = json.loads(RunFolder(tmp_path).splits.read_text())
     assert saved["val_ids"] == folds and saved["seed"] == 1 and saved["split"] == "slide"
-    assert load_or_create_splits(tmp_path, breast_subset, TrainConfig(seed=999)) == folds  # reused, not redrawn
+    run = RunFolder(tmp_path)
+    assert load_or_create_splits(run, breast_subset, TrainConfig(seed=999)) == folds  # reused, not redrawn
     with pytest.raises(ValueError, match="other data"):
-        load_or_create_splits(tmp_path, breast_subset[:100], TrainConfig(seed=1))
+        load_or_create_splits(RunFolder(tmp_path), breast_subset[:100], TrainConfig(seed=1))
 
 
 def test_leave_one_scanner_out_holds_out_exactly_one_scanner(breast_subset):
@@ -187,8 +201,21 @@ def _amibr_from_breast_subset(root, breast_subset, tupac_rows=5):
         (root / "patches" / kind).mkdir(parents=True)
     with (root / "AMI-BR.csv").open("w", newline="") as out:
         writer = csv.writer(out)
-        writer.writerow(["slide", "dataset", "uid", "x", "y", "expert1_label", "expert2_label", "expert1_atypical",
-                         "expert2_atypical", "expert3_atypical", "majority_atypical"])  # fmt: skip
+        writer.writerow(
+            [
+                "slide",
+                "dataset",
+                "uid",
+                "x",
+                "y",
+                "expert1_label",
+                "expert2_label",
+                "expert1_atypical",
+                "expert2_atypical",
+                "expert3_atypical",
+                "majority_atypical",
+            ]
+        )
         for dataset, uid, slide, (x, y), votes, f in rows:
             calls = [str(bool(v)) for v in votes] + [""] * (3 - len(votes))
             writer.writerow([slide, dataset, uid, x, y, "", "", *calls, str(bool(f.label))])

@@ -16,7 +16,7 @@ import reader
 from contracts import build_answer
 from training.adapt import load_fold_model
 from training.config import load_config
-from training.model import Preprocess
+from training.preprocess import Preprocess
 
 
 def pytorch_answer(run_dir, case_dir) -> list[dict]:

@@ -84,8 +84,15 @@ def test_cli_prints_a_table_and_writes_json(predictions_csv, tmp_path):
     assert "balanced_accuracy" in result.stdout and "Hamamatsu XR" in result.stdout and "bootstrap" in result.stdout
     saved = json.loads((tmp_path / "out.json").read_text())
     assert saved["domains"]["Hamamatsu S360"]["roc_auc"] is None  # NaN written as null
-    assert set(saved) >= {"balanced_accuracy", "sensitivity", "specificity", "accuracy", "roc_auc",
-                          "balanced_accuracy_ci", "domains"}  # fmt: skip
+    assert set(saved) >= {
+        "balanced_accuracy",
+        "sensitivity",
+        "specificity",
+        "accuracy",
+        "roc_auc",
+        "balanced_accuracy_ci",
+        "domains",
+    }
 
 
 def test_bad_predictions_files_are_named(tmp_path):

@@ -11,10 +11,10 @@ import yaml
 from conftest import DEMO_CONFIG, REPO, run_cli
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-import training.experiment as experiment
+import training.lab.experiment as experiment
 from training.data import Figure, read_datasets
-from training.experiment import expand, gaussian_blur, load_grid, run_grid
-from training.model import Preprocess
+from training.lab.experiment import expand, gaussian_blur, load_grid, run_grid
+from training.preprocess import Preprocess
 from training.splits import training_subset
 from training.synthetic import write_midog25
 
@@ -32,10 +32,13 @@ TINY_GRID = {
     "blur": {"sigmas": [1.5], "methods": ["tiny-lora"]},
 }
 EXPECTED_CELLS = {
-    "tiny-lora__slide__50pct__seed42", "tiny-lora__slide__100pct__seed42", "tiny-linear__slide__50pct__seed42",
-    "tiny-linear__slide__100pct__seed42", "tiny-linear__random__100pct__seed42",
+    "tiny-lora__slide__50pct__seed42",
+    "tiny-lora__slide__100pct__seed42",
+    "tiny-linear__slide__50pct__seed42",
+    "tiny-linear__slide__100pct__seed42",
+    "tiny-linear__random__100pct__seed42",
     "tiny-linear__scanner-out__100pct__seed42",
-}  # fmt: skip
+}
 
 
 def write_grid(path: Path, grid: dict) -> Path:
@@ -135,8 +138,20 @@ def test_finished_cells_are_not_recomputed_and_shards_split_the_grid(grid_run, t
 
 
 def test_report_only_through_the_cli(grid_run, tmp_path):
-    run_cli("-m", "training", "experiment", "--config", grid_run["grid"], "--data-root", grid_run["root"] / "data",
-            "--output", grid_run["out"], "--report-dir", tmp_path / "docs", "--report-only")  # fmt: skip
+    run_cli(
+        "-m",
+        "training",
+        "experiment",
+        "--config",
+        grid_run["grid"],
+        "--data-root",
+        grid_run["root"] / "data",
+        "--output",
+        grid_run["out"],
+        "--report-dir",
+        tmp_path / "docs",
+        "--report-only",
+    )
     assert len(read_csv(tmp_path / "docs" / "results.csv")) == len(EXPECTED_CELLS)
     assert (tmp_path / "docs" / "roc.png").is_file()
 
@@ -193,8 +208,9 @@ def test_grid_files_are_checked(tmp_path):
 @pytest.mark.parametrize("path", sorted(GRIDS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_grid_expands_to_valid_configs(path):
     tumors = ("breast", "canine lymphoma", "melanoma")
-    figures = [Figure(f"{i}.png", Path(f"{i}.png"), i % 2, f"s{i}", tumors[i % 3], f"scanner {i % 3}")
-               for i in range(30)]  # fmt: skip
+    figures = [
+        Figure(f"{i}.png", Path(f"{i}.png"), i % 2, f"s{i}", tumors[i % 3], f"scanner {i % 3}") for i in range(30)
+    ]
     cells = expand(load_grid(path), figures)
     assert len(cells) == len({c.name for c in cells}) > 1
     from training.backbones import BACKBONES

@@ -11,7 +11,8 @@ import torch
 from contracts import ModelManifest
 from training.config import load_config
 from training.export import ONNX_ATOL, compare_with_torch, fold_model
-from training.model import Ensemble, Preprocess, build_classifier
+from training.model import Ensemble, build_classifier
+from training.preprocess import Preprocess
 from training.synthetic import synthetic_figures
 
 
@@ -74,8 +75,13 @@ def test_run_folder_layout(demo_run):
     for name in ("config.yaml", "provenance.json", "splits.json", "oof.csv", "summary.json"):
         assert (run / name).is_file(), name
     for k in range(3):
-        for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "log.csv", "best.json",
-                     "checkpoint.pt"):  # fmt: skip
+        for name in (
+            "adapter/adapter_config.json",
+            "adapter/adapter_model.safetensors",
+            "log.csv",
+            "best.json",
+            "checkpoint.pt",
+        ):
             assert (run / f"fold_{k}" / name).is_file(), f"fold_{k}/{name}"
         assert list((run / f"fold_{k}" / "tensorboard").glob("events.out.tfevents.*"))
     oof = (run / "oof.csv").read_text().splitlines()
@@ -107,8 +113,9 @@ def test_one_fold_exports_alone(demo_run, merged_folds, pixels, tmp_path):
         x = Preprocess.for_backbone(merged_folds[1].backbone)(torch.from_numpy(pixels))
         expected = torch.sigmoid(merged_folds[1](x)).numpy()
     np.testing.assert_allclose(session.run(None, {"pixels": pixels})[0], expected, atol=ONNX_ATOL)
-    result = run_cli("-m", "training", "export", demo_run["run"], "--output", tmp_path / "bad", "--fold", "3",
-                     check=False)  # fmt: skip
+    result = run_cli(
+        "-m", "training", "export", demo_run["run"], "--output", tmp_path / "bad", "--fold", "3", check=False
+    )
     assert result.returncode == 1 and "folds [3] outside 0..2" in result.stderr
 
 
@@ -126,8 +133,18 @@ def test_predict_scores_a_dataset_through_the_serving_path(demo_run, tmp_path):
     from contracts import ModelManifest
 
     out = tmp_path / "preds.csv"
-    run_cli("-m", "training", "predict", demo_run["model"], "--data-root", demo_run["data"], "--output", out,
-            "--device", "cpu")  # fmt: skip
+    run_cli(
+        "-m",
+        "training",
+        "predict",
+        demo_run["model"],
+        "--data-root",
+        demo_run["data"],
+        "--output",
+        out,
+        "--device",
+        "cpu",
+    )
     rows = out.read_text().splitlines()
     assert rows[0] == "image_id,label,prob_atypical,pred,domain" and len(rows) == 601
     threshold = ModelManifest.load(demo_run["model"]).threshold
@@ -138,8 +155,20 @@ def test_predict_scores_a_dataset_through_the_serving_path(demo_run, tmp_path):
     assert "bootstrap interval" in report.stdout
     # the CPU serves int8; --precision scores the fp32 reference instead, and the two stay within int8's guard
     fp32 = tmp_path / "preds-fp32.csv"
-    run_cli("-m", "training", "predict", demo_run["model"], "--data-root", demo_run["data"], "--output", fp32,
-            "--device", "cpu", "--precision", "fp32")  # fmt: skip
+    run_cli(
+        "-m",
+        "training",
+        "predict",
+        demo_run["model"],
+        "--data-root",
+        demo_run["data"],
+        "--output",
+        fp32,
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+    )
     p8, p32 = (np.array([float(r.split(",")[2]) for r in f.read_text().splitlines()[1:]]) for f in (out, fp32))
     assert 0 < np.abs(p8 - p32).max() <= 0.02
 
@@ -159,8 +188,10 @@ def test_reduced_precisions_are_served_only_after_parity_with_fp32(demo_run, pix
     ops = {node.op_type for node in quantized.graph.node}
     assert "MatMulInteger" in ops and "DynamicQuantizeLinear" in ops
     assert all(init.data_type != onnx.TensorProto.FLOAT for init in quantized.graph.initializer if len(init.dims) == 2)
-    runs = [ort.InferenceSession(str(demo_run["model"] / manifest.graphs[p]), providers=["CPUExecutionProvider"])
-            for p in ("fp32", "fp16", "int8")]  # fmt: skip
+    runs = [
+        ort.InferenceSession(str(demo_run["model"] / manifest.graphs[p]), providers=["CPUExecutionProvider"])
+        for p in ("fp32", "fp16", "int8")
+    ]
     p32, p16, p8 = (s.run(None, {"pixels": pixels})[0] for s in runs)
     assert 0 < np.abs(p32 - p16).max() <= 1e-3
     assert 0 < np.abs(p32 - p8).max() <= 0.02
@@ -178,23 +209,25 @@ def test_reduced_precisions_that_fail_parity_are_refused_and_recorded(demo_run, 
     for precision in ("fp16", "int8"):
         assert not manifest.parity[precision].accepted and manifest.parity[precision].max_abs_dp > 0
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [
-        "ensemble.onnx", "ensemble.onnx.data", "manifest.json"
-    ]  # fmt: skip
+        "ensemble.onnx",
+        "ensemble.onnx.data",
+        "manifest.json",
+    ]
 
 
 def test_fp16_conversion_path_for_graphs_over_2gb(demo_run, pixels, tmp_path, monkeypatch):
     """Graphs beyond protobuf's 2 GB skip shape inference; the same path, forced on the demo graph, still works."""
     import shutil
 
-    import training.export as export
+    import training.precision as precision
 
     for name in ("ensemble.onnx", "ensemble.onnx.data"):
         shutil.copy(demo_run["model"] / name, tmp_path / name)
-    monkeypatch.setattr(export, "PROTOBUF_LIMIT", 0)
-    export.write_fp16(tmp_path / "ensemble.onnx", tmp_path / "big.fp16.onnx")
+    monkeypatch.setattr(precision, "PROTOBUF_LIMIT", 0)
+    precision.write_fp16(tmp_path / "ensemble.onnx", tmp_path / "big.fp16.onnx")
     assert (tmp_path / "big.fp16.onnx.data").is_file()  # weights kept outside the protobuf
-    fp16 = export.REDUCED_PRECISIONS[0]
-    check = export.check_parity(tmp_path / "ensemble.onnx", tmp_path / "big.fp16.onnx", pixels, 0.5, fp16)
+    fp16 = precision.REDUCED_PRECISIONS[0]
+    check = precision.check_parity(tmp_path / "ensemble.onnx", tmp_path / "big.fp16.onnx", pixels, 0.5, fp16)
     assert check.accepted and check.patches == len(pixels)
 
 
@@ -202,7 +235,8 @@ def test_int8_quantizes_folds_that_share_their_weights(pixels, tmp_path):
     """Folds on one frozen base: the exporter keeps each shared Linear weight once, behind a Transpose node, so
     no MatMul reads a constant weight and the quantizer alone would skip them all (or fail on a weight read
     twice); export folds the transposes and gives each MatMul its own weight first."""
-    from training.export import REDUCED_PRECISIONS, check_parity, export_onnx, write_int8
+    from training.export import export_onnx
+    from training.precision import REDUCED_PRECISIONS, check_parity, write_int8
 
     fold = build_classifier("tiny-virchow").eval()
     linears = 2 * sum(isinstance(m, torch.nn.Linear) for m in fold.modules())  # 2 folds: 3 blocks of 4, the head

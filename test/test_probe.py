@@ -11,7 +11,7 @@ from conftest import red_mean_model, run_cli
 from contracts import resample_to_pixel_size
 from training.data import jpeg_grid, read_dataset
 from training.evaluate import figures as classification_figures
-from training.probe import RENDERINGS, as_jpeg, defocused, probe, stained, with_gamma, with_noise
+from training.lab.probe import RENDERINGS, as_jpeg, defocused, probe, stained, with_gamma, with_noise
 from training.synthetic import synthetic_figures, write_midog25
 
 
@@ -71,8 +71,12 @@ def test_probe_moves_a_known_model_as_each_rendering_should(dataset, tmp_path):
     assert results["eosin x1.2"]["mean_prob_normal"] == pytest.approx(scanned["mean_prob_normal"], abs=0.01)
     # a pixel size recorded 8% off: each figure served as if scanned at that size, resampled from it to 0.23
     for name, factor in (("pixel size -8%", 0.92), ("pixel size +8%", 1.08)):
-        red = np.array([resample_to_pixel_size(p[None], s * factor, 0.23)[0, ..., 0].mean() / 255
-                        for p, s in zip(pixels, sizes, strict=True)])  # fmt: skip
+        red = np.array(
+            [
+                resample_to_pixel_size(p[None], s * factor, 0.23)[0, ..., 0].mean() / 255
+                for p, s in zip(pixels, sizes, strict=True)
+            ]
+        )
         assert results[name] == pytest.approx(classification_figures(labels, (red >= 0.5).astype(int), red), abs=1e-5)
         assert results[name]["mean_prob_normal"] != scanned["mean_prob_normal"]
     for name in ("JPEG quality 75", "JPEG quality 50", "noise sd 4", "defocus 0.7 px"):  # the mean red barely moves
@@ -83,8 +87,7 @@ def test_probe_moves_a_known_model_as_each_rendering_should(dataset, tmp_path):
 def test_cli_prints_every_rendering_and_writes_json(dataset, tmp_path):
     model = red_mean_model(tmp_path / "model")
     out = tmp_path / "probe.json"
-    result = run_cli("-m", "training", "probe", model, "--data-root", dataset, "--scanner", "Aperio CS2",
-                     "--json", out)  # fmt: skip
+    result = run_cli("-m", "training", "probe", model, "--data-root", dataset, "--scanner", "Aperio CS2", "--json", out)
     lines = result.stdout.splitlines()
     assert [line.split("  ")[0] for line in lines[1:]] == [r.name for r in RENDERINGS]
     written = json.loads(out.read_text())

@@ -19,10 +19,9 @@ from torch import nn
 
 from training.config import LoraSettings, TrainConfig
 from training.model import Classifier, classifier_for
+from training.run import FoldFolder
 
 HEAD = "atypia_head"
-ADAPTER_DIR = "adapter"
-WEIGHTS_FILE = "weights.safetensors"
 
 
 def apply_lora(model: nn.Module, settings: LoraSettings) -> PeftModel:
@@ -86,16 +85,17 @@ def restore_learned_state(model: nn.Module, state: dict[str, torch.Tensor]) -> N
 
 
 def save_fold_model(model: nn.Module, cfg: TrainConfig, fold_dir: Path) -> None:
+    fold = FoldFolder(fold_dir)
     if cfg.mode == "lora":
-        model.save_pretrained(fold_dir / ADAPTER_DIR)
+        model.save_pretrained(fold.adapter)
     else:
-        save_file({k: v.contiguous() for k, v in learned_state(model, cfg).items()}, fold_dir / WEIGHTS_FILE)
+        save_file({k: v.contiguous() for k, v in learned_state(model, cfg).items()}, fold.weights)
 
 
 def load_fold_model(cfg: TrainConfig, fold_dir: Path) -> nn.Module:
     """The fold's best model as trained: a PeftModel (unmerged) for LoRA, else the Classifier with its weights."""
-    base = classifier_for(cfg)
+    base, fold = classifier_for(cfg), FoldFolder(fold_dir)
     if cfg.mode == "lora":
-        return PeftModel.from_pretrained(base, fold_dir / ADAPTER_DIR).eval()
-    restore_learned_state(base, load_file(fold_dir / WEIGHTS_FILE))
+        return PeftModel.from_pretrained(base, fold.adapter).eval()
+    restore_learned_state(base, load_file(fold.weights))
     return base.eval()

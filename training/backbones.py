@@ -32,10 +32,19 @@ Pooling = Literal["cls+mean", "cls", "avg"]
 # Layer choices that the models' hub configs do not carry and their cards pass to timm.create_model.
 VIRCHOW_LAYERS = {"mlp_layer": SwiGLUPacked, "act_layer": nn.SiLU}
 UNI2_LAYERS = {
-    "img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5, "embed_dim": 1536,
-    "mlp_ratio": 2.66667 * 2, "num_classes": 0, "no_embed_class": True, "reg_tokens": 8, "dynamic_img_size": True,
+    "img_size": 224,
+    "patch_size": 14,
+    "depth": 24,
+    "num_heads": 24,
+    "init_values": 1e-5,
+    "embed_dim": 1536,
+    "mlp_ratio": 2.66667 * 2,
+    "num_classes": 0,
+    "no_embed_class": True,
+    "reg_tokens": 8,
+    "dynamic_img_size": True,
     **VIRCHOW_LAYERS,
-}  # fmt: skip
+}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 RANDOM_INIT_SEED = 20250801
 
@@ -110,49 +119,84 @@ class FoundationModel:
 
 
 def _tiny_cfg(name: str, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:
-    return {"input_size": (3, size, size), "interpolation": "bicubic", "mean": mean, "std": std, "crop_pct": 1.0,
-            "hf_hub_id": None, "tag": name}  # fmt: skip
+    return {
+        "input_size": (3, size, size),
+        "interpolation": "bicubic",
+        "mean": mean,
+        "std": std,
+        "crop_pct": 1.0,
+        "hf_hub_id": None,
+        "tag": name,
+    }
 
 
 # Stand-ins: a few blocks of small width. Widths are chosen so that SwiGLU's hidden size is even (96 * 5.3375 ->
 # 512). LayerScale starts at 1.0 rather than 1e-5 because their blocks stay frozen and random under LoRA: a 1e-5
 # scale would mute them.
 _TINY = {"depth": 3, "num_heads": 3, "init_values": 1.0, "num_classes": 0, "dynamic_img_size": True}
-TINY_VIRCHOW_ARGS = {"img_size": 112, "patch_size": 14, "embed_dim": 96, "mlp_ratio": 5.3375, "global_pool": "",
-                     **_TINY, **VIRCHOW_LAYERS}  # fmt: skip
+TINY_VIRCHOW_ARGS = {
+    "img_size": 112,
+    "patch_size": 14,
+    "embed_dim": 96,
+    "mlp_ratio": 5.3375,
+    "global_pool": "",
+    **_TINY,
+    **VIRCHOW_LAYERS,
+}
 TINY_VIRCHOW_CFG = _tiny_cfg("tiny-virchow", 112)
 
 FOUNDATION_MODELS = (
     FoundationModel(
-        "virchow", "hf-hub:paige-ai/Virchow", VIRCHOW_LAYERS, "cls+mean",
+        "virchow",
+        "hf-hub:paige-ai/Virchow",
+        VIRCHOW_LAYERS,
+        "cls+mean",
         "Paige Virchow ViT-H/14, 632M, CLS + mean patch token = 2560-d (gated)",
-        "vit_huge_patch14_224", TINY_VIRCHOW_ARGS, TINY_VIRCHOW_CFG,
+        "vit_huge_patch14_224",
+        TINY_VIRCHOW_ARGS,
+        TINY_VIRCHOW_CFG,
     ),
     FoundationModel(
-        "virchow2", "hf-hub:paige-ai/Virchow2", VIRCHOW_LAYERS, "cls+mean",
+        "virchow2",
+        "hf-hub:paige-ai/Virchow2",
+        VIRCHOW_LAYERS,
+        "cls+mean",
         "Paige Virchow2 ViT-H/14 with 4 registers, CLS + mean patch token = 2560-d (gated)",
-        "vit_huge_patch14_224", {**TINY_VIRCHOW_ARGS, "reg_tokens": 4}, _tiny_cfg("tiny-virchow2", 112),
+        "vit_huge_patch14_224",
+        {**TINY_VIRCHOW_ARGS, "reg_tokens": 4},
+        _tiny_cfg("tiny-virchow2", 112),
     ),
     FoundationModel(
-        "uni", "hf-hub:MahmoodLab/UNI", {"init_values": 1e-5, "dynamic_img_size": True}, "cls",
+        "uni",
+        "hf-hub:MahmoodLab/UNI",
+        {"init_values": 1e-5, "dynamic_img_size": True},
+        "cls",
         "MahmoodLab UNI ViT-L/16, CLS = 1024-d (gated)",
-        "vit_large_patch16_224", {"img_size": 112, "embed_dim": 96, **_TINY}, _tiny_cfg("tiny-uni", 112),
+        "vit_large_patch16_224",
+        {"img_size": 112, "embed_dim": 96, **_TINY},
+        _tiny_cfg("tiny-uni", 112),
     ),
     FoundationModel(
-        "uni2-h", "hf-hub:MahmoodLab/UNI2-h", UNI2_LAYERS, "cls",
+        "uni2-h",
+        "hf-hub:MahmoodLab/UNI2-h",
+        UNI2_LAYERS,
+        "cls",
         "MahmoodLab UNI2-h ViT-H/14, SwiGLU, 8 registers, CLS = 1536-d (gated)",
         "vit_huge_patch14_224",
         {**UNI2_LAYERS, "img_size": 112, "embed_dim": 96, **_TINY},
         _tiny_cfg("tiny-uni2-h", 112),
     ),
     FoundationModel(
-        "h-optimus-0", "hf-hub:bioptimus/H-optimus-0", {"init_values": 1e-5, "dynamic_img_size": False}, "cls",
+        "h-optimus-0",
+        "hf-hub:bioptimus/H-optimus-0",
+        {"init_values": 1e-5, "dynamic_img_size": False},
+        "cls",
         "Bioptimus H-optimus-0 ViT-g/14 with 4 registers, CLS = 1536-d, its own mean/std (gated)",
         "vit_giant_patch14_reg4_dinov2",
         {"img_size": 112, "embed_dim": 96, "mlp_ratio": 4.0, **_TINY},
         _tiny_cfg("tiny-h-optimus-0", 112, (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517)),
     ),
-)  # fmt: skip
+)
 
 # Virchow's block design (SwiGLU-packed MLP, SiLU, patch 14 at 224 px, CLS + mean pooling) with random weights, at
 # ViT-B width and at Virchow's own size (632M parameters): what benchmarks time when the real weights are not here.
@@ -167,16 +211,29 @@ def virchow_shaped(architecture: str, size_args: dict) -> Callable[[str | None],
     def build(weights: str | None) -> nn.Module:
         if weights:
             raise ValueError(f"{architecture} with Virchow's blocks is a random-weight benchmark model")
-        return _random_init(architecture, img_size=224, init_values=1.0, num_classes=0, global_pool="",
-                            dynamic_img_size=True, pretrained_cfg_overlay=_tiny_cfg(architecture, 224),
-                            **size_args, **VIRCHOW_LAYERS)  # fmt: skip
+        return _random_init(
+            architecture,
+            img_size=224,
+            init_values=1.0,
+            num_classes=0,
+            global_pool="",
+            dynamic_img_size=True,
+            pretrained_cfg_overlay=_tiny_cfg(architecture, 224),
+            **size_args,
+            **VIRCHOW_LAYERS,
+        )
 
     return build
 
 
 # Task-specific models see the 128 px crop-outs as they are: no upscaling, bilinear for other page sizes.
-NATIVE_128_CFG = {"input_size": (3, 128, 128), "interpolation": "bilinear", "mean": IMAGENET_MEAN,
-                  "std": IMAGENET_STD, "crop_pct": 1.0}  # fmt: skip
+NATIVE_128_CFG = {
+    "input_size": (3, 128, 128),
+    "interpolation": "bilinear",
+    "mean": IMAGENET_MEAN,
+    "std": IMAGENET_STD,
+    "crop_pct": 1.0,
+}
 
 
 def from_scratch(architecture: str, **kwargs) -> Callable[[str | None], nn.Module]:
@@ -192,17 +249,33 @@ def from_scratch(architecture: str, **kwargs) -> Callable[[str | None], nn.Modul
 CUSTOM_VIT_ARGS = {"img_size": 128, "patch_size": 8, "embed_dim": 192, "depth": 6, "num_heads": 3, "global_pool": ""}
 
 SCRATCH_MODELS = (
-    BackboneSpec("efficientnetv2-b0-scratch", from_scratch("tf_efficientnetv2_b0"), "avg",
-                 "EfficientNetV2-B0 (the organizers' reference family, CPU-sized)"),
-    BackboneSpec("efficientnetv2-m-scratch", from_scratch("tf_efficientnetv2_m"), "avg",
-                 "EfficientNetV2-M, the organizers' reference model"),
+    BackboneSpec(
+        "efficientnetv2-b0-scratch",
+        from_scratch("tf_efficientnetv2_b0"),
+        "avg",
+        "EfficientNetV2-B0 (the organizers' reference family, CPU-sized)",
+    ),
+    BackboneSpec(
+        "efficientnetv2-m-scratch",
+        from_scratch("tf_efficientnetv2_m"),
+        "avg",
+        "EfficientNetV2-M, the organizers' reference model",
+    ),
     BackboneSpec("resnet18-scratch", from_scratch("resnet18"), "avg", "ResNet-18"),
     BackboneSpec("convnext-atto-scratch", from_scratch("convnext_atto"), "avg", "ConvNeXt-Atto"),
-    BackboneSpec("vit-small-scratch", from_scratch("vit_small_patch16_224", img_size=128, global_pool=""),
-                 "cls+mean", "plain ViT-S/16 at 128 px (8 x 8 tokens)"),
-    BackboneSpec("custom-vit-scratch", from_scratch("vit_small_patch16_224", **CUSTOM_VIT_ARGS), "cls+mean",
-                 "the small-patch study's CustomViT: 8 px patches, 6 blocks of width 192"),
-)  # fmt: skip
+    BackboneSpec(
+        "vit-small-scratch",
+        from_scratch("vit_small_patch16_224", img_size=128, global_pool=""),
+        "cls+mean",
+        "plain ViT-S/16 at 128 px (8 x 8 tokens)",
+    ),
+    BackboneSpec(
+        "custom-vit-scratch",
+        from_scratch("vit_small_patch16_224", **CUSTOM_VIT_ARGS),
+        "cls+mean",
+        "the small-patch study's CustomViT: 8 px patches, 6 blocks of width 192",
+    ),
+)
 
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec

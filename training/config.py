@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from training.backbones import Pooling, backbone_spec
 from training.data import normalize_scanner
+from training.preprocess import Standardize
 
 # peft matches this against full module names: only the attention projections of the transformer blocks.
 # A bare "proj" would also catch patch_embed.proj, the patch-embedding convolution.
@@ -72,40 +73,20 @@ class TrainConfig(_Strict):
     mixup: float = Field(
         0.0, ge=0, description="blend each training figure and its target with another's, weight ~ Beta(a, a); 0 = off"
     )
-    mixstyle: float = Field(
-        0.0, ge=0, le=1, description="per batch and stage, the chance that a CNN's first 3 stages mix feature styles"
-    )
     augment: bool = Field(True, description="random flips and quarter turns")
     shift_scale: float = Field(0.0, ge=0, lt=0.5, description="random shift and zoom, as a fraction of the patch")
-    blur: float = Field(0.0, ge=0, le=1, description="probability of a mild Gaussian blur (focus differences)")
     stain_jitter: float = Field(0.0, ge=0, lt=1, description="HED stain jitter strength (0 = off), for scanner shift")
     sharpness_jitter: float = Field(0.0, ge=0, le=2, description="blur (k < 0) or sharpen (k > 0) by |k| <= this")
     color_jitter: float = Field(0.0, ge=0, lt=1, description="brightness, contrast, saturation jitter (0 = off)")
-    tone_jitter: float = Field(0.0, ge=0, le=1, description="random gamma per image, |log gamma| <= this (0 = off)")
-    scanner_alignment: float = Field(
-        0.0,
-        ge=0,
-        description="weight of a penalty on the gap between a batch's scanners in each class's mean logit (majority "
-        "label): the calibration shift between the training scanners, trained out (0 = off)",
-    )
     tta: bool = Field(
         False,
         description="D4 test-time augmentation: the fold's final validation predictions and the exported graph "
         "average the 8 flips and quarter turns",
     )
-    standardize_input: bool = Field(False, description="each image's channels to mean 0, std 1 before the backbone")
-    standardize_detail: bool = Field(
-        False, description="and each image's detail band (image minus its blur) to one RMS: sharpness differences"
-    )
-    detail_ceiling: bool = Field(
-        False,
-        description="with standardize_detail: only a detail band above the softest scanner's RMS is scaled, down to "
-        "it (training.model.DETAIL_RMS_CEILING); softer figures are kept, not sharpened",
-    )
-    standardize_mid_band: bool = Field(
-        False,
-        description="with standardize_detail: the band below the detail band (1-3 px) brought to one RMS too "
-        "(training.model.MID_BAND_RMS), where scanners still differ after the detail band is equalized",
+    standardize: Standardize = Field(
+        "none",
+        description="after the backbone's normalization: channels = each image's channels to mean 0, std 1; "
+        "channels+detail = and its detail band to one RMS (training.preprocess.Preprocess)",
     )
     pixel_size_um: float | None = Field(
         None,
@@ -115,7 +96,11 @@ class TrainConfig(_Strict):
     )
     validate_every: int = Field(1, ge=1, description="validate after every this many epochs and after the last")
     eval_batch_size: int = Field(64, ge=1)
-    cpu_bf16: bool = Field(False, description="training steps under bf16 autocast on a CPU too (always on CUDA)")
+    cpu_bf16: bool = Field(
+        False,
+        description="training steps under bf16 autocast on a CPU too (always on CUDA), where the CPU runs bf16 "
+        "natively (AMX or AVX512-BF16); fp32 elsewhere, where emulated bf16 is slower (training.train.autocast_bf16)",
+    )
     grad_checkpointing: bool = Field(False, description="on CUDA: recompute activations, trading time for memory")
     hold_out_scanners: list[str] = Field(
         [], description="figures of these scanners are left out of every fold: a later test on scanners never seen"
@@ -153,36 +138,20 @@ class TrainConfig(_Strict):
     @model_validator(mode="after")
     def _linear_probe_is_unaugmented(self) -> TrainConfig:
         augmented = self.augment or self.stain_jitter or self.color_jitter or self.sharpness_jitter or self.shift_scale
-        augmented = augmented or self.blur or self.mixstyle or self.tone_jitter
         if self.mode == "linear" and (augmented or self.tta):
-            raise ValueError("mode linear embeds each figure once: set augment and tta false and stain_jitter, "
-                             "color_jitter, tone_jitter, sharpness_jitter, shift_scale, blur, mixstyle 0")  # fmt: skip
-        return self
-
-    @model_validator(mode="after")
-    def _detail_after_channels(self) -> TrainConfig:
-        if self.standardize_detail and not self.standardize_input:
-            raise ValueError("standardize_detail scales the detail of channel-standardized images: "
-                             "set standardize_input true")  # fmt: skip
-        if self.detail_ceiling and not self.standardize_detail:
-            raise ValueError("detail_ceiling is a way of standardize_detail: set standardize_detail true")
-        if self.standardize_mid_band and (not self.standardize_detail or self.detail_ceiling):
-            raise ValueError("standardize_mid_band sets the mid band with the detail band: set standardize_detail "
-                             "true and detail_ceiling false")  # fmt: skip
-        return self
-
-    @model_validator(mode="after")
-    def _mixstyle_needs_feature_maps(self) -> TrainConfig:
-        if self.mixstyle and backbone_spec(self.backbone).pooling != "avg":
-            raise ValueError(f"mixstyle mixes the statistics of a CNN's feature maps; {self.backbone} is a "
-                             "transformer: set mixstyle 0")  # fmt: skip
+            raise ValueError(
+                "mode linear embeds each figure once: set augment and tta false and stain_jitter, color_jitter, "
+                "sharpness_jitter, shift_scale 0"
+            )
         return self
 
     @model_validator(mode="after")
     def _last_epoch_runs_every_epoch(self) -> TrainConfig:
         if self.selection == "last" and self.patience:
-            raise ValueError("selection last keeps the final epoch: early stopping (patience) would peek at "
-                             "validation; set patience null")  # fmt: skip
+            raise ValueError(
+                "selection last keeps the final epoch: early stopping (patience) would peek at validation; "
+                "set patience null"
+            )
         return self
 
     @model_validator(mode="after")

@@ -32,12 +32,31 @@ log = logging.getLogger(__name__)
 
 MIDOG25_CSV = "MIDOG25_Atypical_Classification_Train_Set.csv"
 MIDOG25_COLUMNS = (
-    "image_id", "filename", "coordinateX", "coordinateY", "Tumor", "Scanner", "Origin", "Species",
-    "expert1", "expert2", "expert3", "majority",
-)  # fmt: skip
+    "image_id",
+    "filename",
+    "coordinateX",
+    "coordinateY",
+    "Tumor",
+    "Scanner",
+    "Origin",
+    "Species",
+    "expert1",
+    "expert2",
+    "expert3",
+    "majority",
+)
 AMIBR_CSV = "AMI-BR.csv"
-AMIBR_COLUMNS = ("slide", "dataset", "uid", "x", "y", "expert1_atypical", "expert2_atypical", "expert3_atypical",
-                 "majority_atypical")  # fmt: skip
+AMIBR_COLUMNS = (
+    "slide",
+    "dataset",
+    "uid",
+    "x",
+    "y",
+    "expert1_atypical",
+    "expert2_atypical",
+    "expert3_atypical",
+    "majority_atypical",
+)
 OMG_OCTO_CSV = "OMG-Octo.csv"
 OMG_OCTO_COLUMNS = ("image_id", "filename", "majority")
 LABELS = {"NMF": 0, "AMF": 1}
@@ -171,8 +190,9 @@ def read_amibr(root: Path) -> list[Figure]:
     figures = []
     for r, label in zip(rows, labels, strict=True):
         name = f"{r['dataset']}_{r['uid']}.png"
-        votes = tuple(BOOLEANS[r[e]] for e in ("expert1_atypical", "expert2_atypical", "expert3_atypical")
-                      if r[e] in BOOLEANS)  # fmt: skip
+        votes = tuple(
+            BOOLEANS[r[e]] for e in ("expert1_atypical", "expert2_atypical", "expert3_atypical") if r[e] in BOOLEANS
+        )
         figures.append(
             Figure(
                 image_id=f"AMi-Br:{name}",
@@ -250,8 +270,10 @@ def at_pixel_size(figures: list[Figure], pixels: np.ndarray, target_um: float) -
     page from the resolution its file records (``contracts.resample_to_pixel_size`` in both)."""
     sizes = scanner_pixel_sizes(figures)
     if unknown := sorted({f.scanner for f, size in zip(figures, sizes, strict=True) if size is None}):
-        raise DataError(f"no known pixel size for scanner(s) {', '.join(unknown)}: add them to "
-                        "training.data.SCANNER_PIXEL_SIZE_UM, or train without pixel_size_um")  # fmt: skip
+        raise DataError(
+            f"no known pixel size for scanner(s) {', '.join(unknown)}: add them to "
+            "training.data.SCANNER_PIXEL_SIZE_UM, or train without pixel_size_um"
+        )
     out = pixels.copy()
     for size in sorted(set(sizes)):
         chosen = np.array([s == size for s in sizes])
@@ -325,53 +347,3 @@ def decode_figures(figures: list[Figure], cache_dir: Path | None = None) -> np.n
         np.save(tmp, pixels)
         os.replace(tmp, cached)
     return pixels
-
-
-JPEG_BLOCK = 8  # JPEG compresses 8x8-pixel blocks: a scanner that stores tiles as JPEG leaves this grid
-
-
-def jpeg_grid(gray: np.ndarray) -> np.ndarray:
-    """float [N, H, W] -> [N]: how much stronger the differences between neighbouring pixels are on the strongest
-    of the 8 pixel phases than on the median one, across and down, averaged. A crop-out lies on the grid at any
-    offset, so the phase is found, not assumed; hence even a figure without a JPEG block grid scores a little above
-    1 (its strongest phase beats the median by chance)."""
-    ratios = []
-    for axis in (1, 2):
-        per_boundary = np.abs(np.diff(gray, axis=axis)).mean(axis=3 - axis)  # [N, boundaries]
-        phases = np.stack([per_boundary[:, p::JPEG_BLOCK].mean(axis=1) for p in range(JPEG_BLOCK)], axis=1)
-        ratios.append(phases.max(axis=1) / np.median(phases, axis=1))
-    return (ratios[0] + ratios[1]) / 2
-
-
-def describe_domains(figures: list[Figure], pixels: np.ndarray) -> dict[str, dict[str, float]]:
-    """Per scanner: figures, atypical share, mean RGB, sharpness (the mean absolute difference between
-    neighbouring pixels of the gray image, across and down), the detail band's RMS after channel standardization
-    (what the model's standardize_detail equalizes) and the mid band's RMS once the detail band is equalized too
-    (what standardize_mid_band equalizes), and the strength of a JPEG block grid (:func:`jpeg_grid`). How a
-    dataset's domains differ, so augmentation and the model's input can cover it: on the breast subset the
-    scanners differ most in sharpness."""
-    import torch
-
-    from training.model import band_rms, detail_rms, equalize_detail, mid_band, standardize_channels
-
-    gray = pixels.astype(np.float32).mean(axis=-1)
-    sharpness = np.abs(np.diff(gray, axis=1)).mean(axis=(1, 2)) + np.abs(np.diff(gray, axis=2)).mean(axis=(1, 2))
-    grid = jpeg_grid(gray)
-    detail, mid = [], []
-    with torch.no_grad():
-        for chunk in np.array_split(pixels, max(1, len(pixels) // 256)):
-            x = standardize_channels(torch.from_numpy(chunk).permute(0, 3, 1, 2).float())
-            detail.append(detail_rms(x).numpy())
-            mid.append(band_rms(equalize_detail(x), mid_band).numpy())
-    detail, mid = np.concatenate(detail), np.concatenate(mid)
-    scanners = np.array([f.scanner for f in figures])
-    labels = np.array([f.label for f in figures])
-    result = {}
-    for scanner in sorted(set(scanners)):
-        m = scanners == scanner
-        red, green, blue = (float(c) for c in pixels[m].reshape(-1, 3).mean(axis=0))
-        result[scanner] = {"figures": int(m.sum()), "atypical_share": float(labels[m].mean()), "red": red,
-                           "green": green, "blue": blue, "sharpness": float(sharpness[m].mean()),
-                           "detail_rms": float(detail[m].mean()), "mid_band_rms": float(mid[m].mean()),
-                           "jpeg_grid": float(grid[m].mean())}  # fmt: skip
-    return result

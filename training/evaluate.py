@@ -1,7 +1,7 @@
 """The challenge's figures for a predictions file, pooled over all figures and per domain.
 
-Input CSV (``python -m training predict`` writes it): ``image_id, label`` (1 = atypical), ``prob_atypical``,
-``pred`` (0/1, the class the container answered) and ``domain``. As the challenge scores: balanced accuracy,
+Input: the predictions CSV of ``training.metrics`` (``python -m training predict`` writes it, with ``pred``, the
+class the container answered; or a run's ``oof.csv`` with a threshold). As the challenge scores: balanced accuracy,
 sensitivity (atypical recall), specificity and accuracy from ``pred``; ROC AUC from ``prob_atypical``. Plus a 95%
 bootstrap interval of the balanced accuracy, resampling figures with a seeded generator:
 ``numpy.random.default_rng(seed).integers(0, n, size=(resamples, n))``, percentiles 2.5 and 97.5.
@@ -14,7 +14,6 @@ ranking (its AUC); each class's mean probability shows the shift itself.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -23,41 +22,13 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from training.metrics import balanced_accuracy, choose_threshold
+from contracts import classify
+from training.metrics import balanced_accuracy, choose_threshold, read_predictions
 
 log = logging.getLogger(__name__)
 
-PREDICTION_COLUMNS = ("image_id", "label", "prob_atypical", "pred", "domain")
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0
-
-
-def read_predictions(path: Path, threshold: float | None = None,
-                     column: str = "prob_atypical") -> dict[str, np.ndarray]:  # fmt: skip
-    """The predictions file; with ``threshold``, classes come from ``prob_atypical >= threshold`` instead of a
-    ``pred`` column (a run's ``oof.csv`` with its ``summary.json`` threshold). ``column`` names another
-    probability column to score (``prob_atypical_no_tta`` of a run trained with tta)."""
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        wanted = [column if c == "prob_atypical" else c for c in PREDICTION_COLUMNS]
-        wanted = [c for c in wanted if not (c == "pred" and threshold is not None)]
-        missing = [c for c in wanted if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: missing columns {missing} (want {', '.join(PREDICTION_COLUMNS)})")
-        rows = list(reader)
-    if not rows:
-        raise ValueError(f"{path}: no predictions")
-    if threshold is not None:
-        rows = [{**r, "pred": str(int(float(r[column]) >= threshold))} for r in rows]
-    bad = [f"row {i + 2}" for i, r in enumerate(rows) if r["label"] not in ("0", "1") or r["pred"] not in ("0", "1")]
-    if bad:
-        raise ValueError(f"{path}: label and pred must be 0 or 1 ({', '.join(bad[:5])})")
-    return {
-        "label": np.array([int(r["label"]) for r in rows]),
-        "pred": np.array([int(r["pred"]) for r in rows]),
-        "prob": np.array([float(r[column]) for r in rows]),
-        "domain": np.array([r["domain"] for r in rows]),
-    }
 
 
 def _mean_where(values: np.ndarray, mask: np.ndarray) -> float:
@@ -78,7 +49,7 @@ def figures(label: np.ndarray, pred: np.ndarray, prob: np.ndarray) -> dict[str, 
         "accuracy": float((pred == label).mean()),
         "roc_auc": float(roc_auc_score(label, prob)) if both_classes else math.nan,
         "oracle_threshold": oracle,
-        "oracle_balanced_accuracy": balanced_accuracy(label, prob >= oracle) if both_classes else math.nan,
+        "oracle_balanced_accuracy": balanced_accuracy(label, classify(prob, oracle)) if both_classes else math.nan,
         # each class's mean probability: a domain whose figures of both classes score higher than elsewhere is
         # miscalibrated, not misranked
         "mean_prob_normal": _mean_where(prob, ~positive),
@@ -111,10 +82,23 @@ def evaluate(preds: dict[str, np.ndarray], resamples: int = BOOTSTRAP_RESAMPLES,
 
 
 def table(result: dict) -> str:
-    keys = ("balanced_accuracy", "sensitivity", "specificity", "accuracy", "roc_auc", "oracle_threshold",
-            "oracle_balanced_accuracy", "mean_prob_normal", "mean_prob_atypical", "n")  # fmt: skip
-    header = {"oracle_balanced_accuracy": "oracle_BA", "mean_prob_normal": "meanP_normal",
-              "mean_prob_atypical": "meanP_atypical"}  # fmt: skip
+    keys = (
+        "balanced_accuracy",
+        "sensitivity",
+        "specificity",
+        "accuracy",
+        "roc_auc",
+        "oracle_threshold",
+        "oracle_balanced_accuracy",
+        "mean_prob_normal",
+        "mean_prob_atypical",
+        "n",
+    )
+    header = {
+        "oracle_balanced_accuracy": "oracle_BA",
+        "mean_prob_normal": "meanP_normal",
+        "mean_prob_atypical": "meanP_atypical",
+    }
     lines = [f"{'':24}" + "".join(f"{header.get(k, k)[:17]:>18}" for k in keys)]
     for name, figs in [("all", result), *result["domains"].items()]:
         lines.append(f"{name[:24]:24}" + "".join(f"{figs[k]:>18.4f}" if k != "n" else f"{figs[k]:>18d}" for k in keys))
@@ -123,8 +107,9 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluate_file(path: Path, json_out: Path | None = None, threshold: float | None = None,
-                  column: str = "prob_atypical") -> dict:  # fmt: skip
+def evaluate_file(
+    path: Path, json_out: Path | None = None, threshold: float | None = None, column: str = "prob_atypical"
+) -> dict:
     result = evaluate(read_predictions(path, threshold, column))
     print(table(result))  # the report is this command's output
     if json_out is not None:

@@ -1,9 +1,24 @@
-"""The challenge's figures (balanced accuracy from classes, AUC from P(atypical)) and the threshold choice."""
+"""The challenge's figures and the one predictions CSV shape that train, predict, evaluate and the lab share.
+
+Figures: balanced accuracy from classes, AUC from P(atypical), classes always by ``contracts.classify``.
+
+The predictions CSV, one row per figure: ``image_id``, ``label`` (1 = atypical), ``prob_atypical`` and ``domain``
+(the scanner), then any of ``pred`` (0/1, the class the container answered: ``predict``), ``fold``, ``tumor``,
+``prob_atypical_no_tta`` (a run's ``val.csv`` and ``oof.csv``).
+"""
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+
 import numpy as np
 from sklearn.metrics import roc_auc_score
+
+from contracts import classify
+
+PREDICTION_COLUMNS = ("image_id", "label", "prob_atypical", "pred", "domain")  # what predict writes
+REQUIRED_COLUMNS = ("image_id", "label", "prob_atypical", "domain")
 
 
 def balanced_accuracy(labels: np.ndarray, preds: np.ndarray) -> float:
@@ -16,8 +31,9 @@ def balanced_accuracy(labels: np.ndarray, preds: np.ndarray) -> float:
 
 
 def summarize(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
+    """Balanced accuracy, sensitivity, specificity at ``threshold``; ROC AUC (NaN with one class); n."""
     labels = np.asarray(labels).astype(int)
-    preds = np.asarray(probs) >= threshold
+    preds = classify(probs, threshold)
     both_classes = len(np.unique(labels)) == 2
     return {
         "balanced_accuracy": balanced_accuracy(labels, preds),
@@ -30,7 +46,7 @@ def summarize(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[s
 
 
 def choose_threshold(labels: np.ndarray, probs: np.ndarray, domains: np.ndarray | None = None) -> float:
-    """The threshold that maximizes balanced accuracy under the rule ``atypical iff p >= t``.
+    """The threshold that maximizes balanced accuracy under ``contracts.classify``.
 
     With ``domains``, it maximizes the mean of the per-domain balanced accuracies instead, so that no scanner's
     figures dominate the choice. Candidates are midpoints between consecutive distinct probabilities, so the cut
@@ -42,6 +58,84 @@ def choose_threshold(labels: np.ndarray, probs: np.ndarray, domains: np.ndarray 
     candidates = np.concatenate([[0.0], (values[:-1] + values[1:]) / 2, [np.nextafter(values[-1], 2.0)]])
     candidates = np.clip(candidates, 0.0, 1.0)
     groups = [np.ones(len(labels), bool)] if domains is None else [domains == d for d in np.unique(domains)]
-    scores = np.array([np.mean([balanced_accuracy(labels[g], probs[g] >= t) for g in groups]) for t in candidates])
+    scores = np.array(
+        [np.mean([balanced_accuracy(labels[g], classify(probs[g], t)) for g in groups]) for t in candidates]
+    )
     best = np.flatnonzero(scores >= scores.max() - 1e-12)
     return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """``rows`` as a CSV, columns in the first row's key order."""
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_predictions(path: Path, threshold: float | None = None, column: str = "prob_atypical") -> dict:
+    """A predictions CSV as arrays: ``label``, ``prob`` (from ``column``, e.g. ``prob_atypical_no_tta``),
+    ``domain``, ``pred`` (the file's, or with ``threshold`` ``contracts.classify``'s: a run's ``oof.csv`` with its
+    ``summary.json`` threshold), and ``fold`` and ``tumor`` where the file has them.
+
+    Raises ValueError naming the file for missing columns, no rows, or a label or pred other than 0 or 1.
+    """
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        wanted = [column if c == "prob_atypical" else c for c in REQUIRED_COLUMNS]
+        wanted += ["pred"] if threshold is None else []
+        missing = [c for c in wanted if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: missing columns {missing} (want {', '.join(PREDICTION_COLUMNS)})")
+        rows = list(reader)
+    if not rows:
+        raise ValueError(f"{path}: no predictions")
+    prob = np.array([float(r[column]) for r in rows])
+    if threshold is not None:
+        rows = [{**r, "pred": str(int(a))} for r, a in zip(rows, classify(prob, threshold), strict=True)]
+    bad = [f"row {i + 2}" for i, r in enumerate(rows) if r["label"] not in ("0", "1") or r["pred"] not in ("0", "1")]
+    if bad:
+        raise ValueError(f"{path}: label and pred must be 0 or 1 ({', '.join(bad[:5])})")
+    arrays = {
+        "label": np.array([int(r["label"]) for r in rows]),
+        "pred": np.array([int(r["pred"]) for r in rows]),
+        "prob": prob,
+        "domain": np.array([r["domain"] for r in rows]),
+    }
+    if "fold" in rows[0]:
+        arrays["fold"] = np.array([int(r["fold"]) for r in rows])
+    if "tumor" in rows[0]:
+        arrays["tumor"] = np.array([r["tumor"] for r in rows])
+    return arrays
+
+
+def pool_out_of_fold(val_files: list[Path], oof_file: Path, domain_balanced: bool = False) -> dict:
+    """Concatenate the folds' held-out predictions (``val_files``) into ``oof_file``, choose the threshold there
+    (with ``domain_balanced``, on the mean BA over scanners) and return it with its figures (pooled, per scanner,
+    at 0.5, and without TTA where the files have it).
+
+    The threshold is chosen on single-fold probabilities and applied to the mean over folds, whose probabilities
+    are a little less extreme; with a BA-maximizing cut between classes this costs little, and it is the only
+    unbiased choice (no figure is scored by a fold that trained on it).
+    """
+    rows = [row for path in val_files for row in read_rows(path)]
+    write_rows(oof_file, rows)
+    labels = np.array([int(r["label"]) for r in rows])
+    probs = np.array([float(r["prob_atypical"]) for r in rows])
+    scanners = np.array([r["domain"] for r in rows])
+    domains = scanners if domain_balanced else None
+    threshold = choose_threshold(labels, probs, domains)
+    summary = {"threshold": threshold, "oof": summarize(labels, probs, threshold)}
+    summary["oof_at_0.5"] = summarize(labels, probs, 0.5)
+    if "prob_atypical_no_tta" in rows[0]:  # the same folds without test-time augmentation, at their own threshold
+        single = np.array([float(r["prob_atypical_no_tta"]) for r in rows])
+        summary["oof_no_tta"] = summarize(labels, single, choose_threshold(labels, single, domains))
+    summary["oof_by_scanner"] = {
+        str(s): summarize(labels[scanners == s], probs[scanners == s], threshold) for s in np.unique(scanners)
+    }
+    return summary

@@ -11,7 +11,7 @@ import numpy as np
 from contracts import classify
 from process import OnnxEnsemble
 from training.data import Figure, decode_figures, on_scanners, read_dataset, scanner_pixel_sizes
-from training.evaluate import PREDICTION_COLUMNS
+from training.metrics import PREDICTION_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,14 @@ def figures_to_score(data_root: Path, scanners: list[str] | None = None) -> Figu
     return figures, decode_figures(figures), scanner_pixel_sizes(figures)
 
 
-def predict_folder(model_dir: Path, data_root: Path, output: Path, device: str = "auto",
-                   precision: str | None = None, scanners: list[str] | None = None) -> None:  # fmt: skip
+def predict_folder(
+    model_dir: Path,
+    data_root: Path,
+    output: Path,
+    device: str = "auto",
+    precision: str | None = None,
+    scanners: list[str] | None = None,
+) -> None:
     """``precision`` None: the graph the manifest serves on the device, as the container runs it. ``scanners``:
     score only their figures (a run's held-out scanners)."""
     figures, pixels, pixel_sizes = figures_to_score(data_root, scanners)
@@ -39,8 +45,14 @@ def predict_folder(model_dir: Path, data_root: Path, output: Path, device: str =
     with output.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(PREDICTION_COLUMNS)
-        for fig, p in zip(figures, probs, strict=True):
-            pred = int(classify(float(p), ensemble.manifest.threshold) == "atypical")
-            writer.writerow([fig.image_id, fig.label, repr(float(p)), pred, fig.scanner])
-    log.info("wrote %d predictions to %s (%s on %s, threshold %.4f)", len(figures), output, ensemble.precision,
-             ensemble.provider, ensemble.manifest.threshold)  # fmt: skip
+        preds = classify(probs, ensemble.manifest.threshold)
+        for fig, p, pred in zip(figures, probs, preds, strict=True):
+            writer.writerow([fig.image_id, fig.label, repr(float(p)), int(pred), fig.scanner])
+    log.info(
+        "wrote %d predictions to %s (%s on %s, threshold %.4f)",
+        len(figures),
+        output,
+        ensemble.precision,
+        ensemble.provider,
+        ensemble.manifest.threshold,
+    )

@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from training.config import TrainConfig
 from training.data import Figure
+from training.run import RunFolder
 
 log = logging.getLogger(__name__)
-
-SPLITS_FILE = "splits.json"
 
 
 def _sorted(figures: list[Figure]) -> tuple[list[Figure], np.ndarray]:
@@ -56,8 +55,9 @@ def domain_folds(figures: list[Figure], domain: str, n_folds: int) -> list[list[
     """One fold per value of ``domain`` ('tumor' or 'scanner'), in sorted order."""
     values = sorted({getattr(f, domain) for f in figures})
     if len(values) != n_folds:
-        raise ValueError(f"leave-one-{domain}-out on this data has {len(values)} domains {values}: set folds: "
-                         f"{len(values)}")  # fmt: skip
+        raise ValueError(
+            f"leave-one-{domain}-out on this data has {len(values)} domains {values}: set folds: {len(values)}"
+        )
     return [sorted(f.image_id for f in figures if getattr(f, domain) == value) for value in values]
 
 
@@ -83,8 +83,10 @@ def training_subset(labels: np.ndarray, fraction: float, per_class: int | None, 
     return np.sort(np.concatenate(keep))
 
 
-def load_or_create_splits(run_dir: Path, figures: list[Figure], cfg: TrainConfig) -> list[list[str]]:
-    path = run_dir / SPLITS_FILE
+def load_or_create_splits(run: RunFolder, figures: list[Figure], cfg: TrainConfig) -> list[list[str]]:
+    """The run's ``splits.json`` (validation image ids per fold), made on the first call and reused after;
+    ValueError if it was made for other figures or another fold count."""
+    path = run.splits
     ids = {f.image_id for f in figures}
     if path.is_file():
         saved = json.loads(path.read_text())
@@ -97,3 +99,31 @@ def load_or_create_splits(run_dir: Path, figures: list[Figure], cfg: TrainConfig
     strategy = {"split": cfg.split, "seed": cfg.seed, **({"domain": cfg.domain} if cfg.split == "domain" else {})}
     path.write_text(json.dumps({**strategy, "val_ids": folds}, indent=1))
     return folds
+
+
+@dataclass
+class FoldData:
+    """A fold's figures: training pixels [N, H, W, 3] (or embeddings) and targets (soft with ``soft_labels``),
+    validation pixels and hard labels, and the validation figures in that order."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+    val_figures: list[Figure]
+    n_train: int
+
+
+def fold_data(cfg: TrainConfig, fold: int, figures: list[Figure], pixels: np.ndarray, val_ids: set[str]) -> FoldData:
+    is_val = np.array([f.image_id in val_ids for f in figures])
+    labels = np.array([f.label for f in figures], dtype=np.float32)
+    train_idx = np.flatnonzero(~is_val)
+    if cfg.train_fraction < 1 or cfg.train_per_class:
+        keep = training_subset(labels[train_idx], cfg.train_fraction, cfg.train_per_class, cfg.seed + fold)
+        log.info("fold %d: training on %d of %d figures", fold, len(keep), len(train_idx))
+        train_idx = train_idx[keep]
+    train_y = labels[train_idx]
+    if cfg.soft_labels:
+        train_y = np.array([figures[i].soft_label for i in train_idx], dtype=np.float32)
+    val_figures = [f for f, v in zip(figures, is_val, strict=True) if v]
+    return FoldData(pixels[train_idx], train_y, pixels[is_val], labels[is_val], val_figures, len(train_idx))

@@ -153,14 +153,27 @@ def write_midog25(root: Path, n: int = 600, seed: int = 0, n_slides: int = 30) -
             e3 = majority if e2 != majority else ""
             x, y = votes_rng.integers(0, 8000, 2)
             writer.writerow(
-                [image_id, f"{slide:03d}.tiff", x, y, "synthetic breast-like", SCANNERS[scanner][0],
-                 "synthetic", "Human", majority, e2, e3, majority]
-            )  # fmt: skip
+                [
+                    image_id,
+                    f"{slide:03d}.tiff",
+                    x,
+                    y,
+                    "synthetic breast-like",
+                    SCANNERS[scanner][0],
+                    "synthetic",
+                    "Human",
+                    majority,
+                    e2,
+                    e3,
+                    majority,
+                ]
+            )
     log.info("wrote %d synthetic figures from %d slides to %s", n, n_slides, root)
 
 
-def write_case(case_dir: Path, pages: np.ndarray, name: str = "stack", fmt: str = "tiff",
-               pixel_size_um: float | None = None) -> Path:  # fmt: skip
+def write_case(
+    case_dir: Path, pages: np.ndarray, name: str = "stack", fmt: str = "tiff", pixel_size_um: float | None = None
+) -> Path:
     """A Grand Challenge input folder: ``inputs.json`` + ``images/<interface>/<name>.<fmt>`` (multi-page), its
     resolution recorded when ``pixel_size_um`` is given (TIFF dots per inch; .mha spacing in mm)."""
     image_dir = case_dir / "images" / INPUT_INTERFACE

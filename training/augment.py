@@ -1,0 +1,112 @@
+"""The training-time transforms, apart from the loop: each takes a batch of figures [N, H, W, 3] (uint8, or float
+in [0, 255]) and a ``torch.Generator``, and returns float [N, H, W, 3] in [0, 255]. ``augment_batch`` applies
+those a config asks for, in a fixed order, so the same seed gives the same batches (and a resumed run the same
+ones as an uninterrupted run).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from training.config import TrainConfig
+from training.preprocess import binomial_blur
+
+# Ruifrok & Johnston's stain vectors (rows: hematoxylin, eosin, DAB) for H&E colour deconvolution
+RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
+
+
+def augment_batch(batch: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """D4, stain, colour, shift/zoom, sharpness: each where ``cfg`` turns it on."""
+    if cfg.augment:
+        batch = augment_d4(batch, generator)
+    if cfg.stain_jitter:
+        batch = augment_stain(batch, cfg.stain_jitter, generator)
+    if cfg.color_jitter:
+        batch = augment_color(batch, cfg.color_jitter, generator)
+    if cfg.shift_scale:
+        batch = augment_shift_zoom(batch, cfg.shift_scale, generator)
+    if cfg.sharpness_jitter:
+        batch = augment_sharpness(batch, cfg.sharpness_jitter, generator)
+    return batch
+
+
+def augment_d4(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random flips and quarter turns: a mitotic figure has no canonical orientation. Dtype kept."""
+    out = []
+    for img, (flip, turns) in zip(batch, torch.randint(0, 4, (len(batch), 2), generator=generator), strict=True):
+        img = torch.rot90(img, int(turns), dims=(0, 1))
+        out.append(img.flip(1) if flip % 2 else img)
+    return torch.stack(out)
+
+
+def rescale_stains(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Colour deconvolution and back: each stain's optical density (hematoxylin, eosin, DAB) times ``alpha`` plus
+    ``beta``, both broadcast against [..., 3]. Float [..., H, W, 3] in [0, 255] in, the same dtype out, clamped to
+    [0, 255]."""
+    od = -torch.log((x + 1) / 256)
+    od = ((od @ HED_FROM_RGB.to(x.dtype)) * alpha + beta) @ RGB_FROM_HED.to(x.dtype)
+    return (256 * torch.exp(-od) - 1).clamp(0, 255)
+
+
+def augment_stain(batch: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """HED jitter: each stain's optical density scaled and shifted by up to ``strength`` per image."""
+    n = len(batch)
+    alpha = 1 + (torch.rand(n, 1, 1, 3, generator=generator) * 2 - 1) * strength
+    beta = (torch.rand(n, 1, 1, 3, generator=generator) * 2 - 1) * strength
+    return rescale_stains(batch.float(), alpha, beta)
+
+
+def augment_color(batch: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """Brightness, contrast and saturation, each scaled per image by a factor in [1 - strength, 1 + strength]."""
+    x = batch.float()
+    n = len(x)
+    brightness, contrast, saturation = 1 + (torch.rand(3, n, 1, 1, 1, generator=generator) * 2 - 1) * strength
+    x = x * brightness
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * contrast + mean
+    gray = x @ torch.tensor([0.299, 0.587, 0.114])
+    x = gray[..., None] + (x - gray[..., None]) * saturation
+    return x.clamp(0, 255)
+
+
+def augment_shift_zoom(batch: torch.Tensor, shift_scale: float, generator: torch.Generator) -> torch.Tensor:
+    """A random shift and zoom of up to ``shift_scale`` of the patch (a figure is not always centred); borders
+    are reflected, not black."""
+    x = batch.float().permute(0, 3, 1, 2)
+    n = len(x)
+    scale = 1 + (torch.rand(n, generator=generator) * 2 - 1) * shift_scale
+    shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * shift_scale * 2  # grid units span [-1, 1]
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / scale
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return x.permute(0, 2, 3, 1).clamp(0, 255)
+
+
+def augment_sharpness(batch: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """``x + k (x - blur(x))`` with ``k`` uniform in [-strength, strength] per image: k < 0 blurs (k = -1 is the
+    binomial blur itself), k > 0 sharpens (unsharp masking). Scanners differ most in sharpness."""
+    x = batch.float().permute(0, 3, 1, 2)
+    k = (torch.rand(len(x), 1, 1, 1, generator=generator) * 2 - 1) * strength
+    x = x + k * (x - binomial_blur(x))
+    return x.permute(0, 2, 3, 1).clamp(0, 255)
+
+
+def mixup(batch: torch.Tensor, targets: torch.Tensor, alpha: float, generator: torch.Generator):
+    """Blend each figure and its target with a random partner's from the batch, the figure's own weight
+    ``max(w, 1 - w)``, ``w ~ Beta(alpha, alpha)``. Pixels [N, H, W, 3] (or a linear probe's embeddings [N, D]) in,
+    float out; targets [N] in and out.
+
+    Not timm's ``Mixup``: that one mixes one-hot class targets from NumPy's global RNG; these targets are one soft
+    probability per figure, drawn from the run's generator (a resumed run draws the same)."""
+    rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=generator)))  # Beta takes no generator
+    w = torch.from_numpy(rng.beta(alpha, alpha, size=len(batch))).float()
+    w = torch.maximum(w, 1 - w)
+    partner = torch.randperm(len(batch), generator=generator)
+    w_each = w.view(-1, *[1] * (batch.dim() - 1))
+    blended = w_each * batch.float() + (1 - w_each) * batch[partner].float()
+    return blended, w * targets + (1 - w) * targets[partner]

@@ -1,0 +1,185 @@
+"""Reduced-precision graphs beside the fp32 one, each served only within its limits against fp32 on real patches,
+on the provider that would serve it: fp16 for CUDA (max |dp| <= 1e-3, every class the same) and int8 for the CPU
+(ONNX Runtime's dynamic quantization of the MatMul weights; max |dp| <= 0.02, classes agree on >= 99%)."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from contracts import ONNX_INPUT, ONNX_OUTPUT, Device, ParityCheck, Precision, classify
+
+log = logging.getLogger(__name__)
+
+QUANTIZED_OPS = ("MatMul", "Gemm")  # int8: the weights of the projections, where a ViT spends its FLOPs
+PROTOBUF_LIMIT = 2**31 - 1  # a graph beyond 2 GB cannot be one protobuf: shape inference must not rebuild it
+
+
+def write_fp16(fp32_path: Path, fp16_path: Path) -> None:
+    """The fp32 graph with its weights and arithmetic in fp16; input (uint8) and output (float32) unchanged."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(fp32_path))  # external weights loaded too
+    too_big = _graph_bytes(fp32_path) > PROTOBUF_LIMIT
+    half = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=too_big)
+    onnx.save(half, str(fp16_path), save_as_external_data=True, location=f"{fp16_path.name}.data")
+    onnx.checker.check_model(str(fp16_path))
+
+
+def write_int8(fp32_path: Path, int8_path: Path) -> None:
+    """The fp32 graph with its MatMul weights in int8 (per output channel) and their inputs quantized per batch
+    at run time: ONNX Runtime's dynamic quantization, MatMulInteger on the CPU's int8 units (VNNI, AMX)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = onnx.load(str(fp32_path))
+    # the exporter's shape annotations (value_info) contradict the quantizer's own shape inference: drop them
+    model.graph.ClearField("value_info")
+    fold_weight_transposes(model.graph)
+    unshare_weights(model.graph, QUANTIZED_OPS)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs a line per tensor to the root logger
+    try:
+        quantize_dynamic(
+            model,
+            int8_path,
+            op_types_to_quantize=list(QUANTIZED_OPS),
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            use_external_data_format=True,
+        )
+    finally:
+        root.setLevel(level)
+    onnx.checker.check_model(str(int8_path))
+
+
+def fold_weight_transposes(graph: onnx.GraphProto) -> int:
+    """Replace ``Transpose(weight)`` by the transposed weight; returns the transposes folded.
+
+    The exporter keeps a Linear's weight transpose as a node when modules share the weight (folds on one frozen
+    base, say), and the quantizer only quantizes a MatMul whose weight is a constant."""
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    folded = [node for node in graph.node if node.op_type == "Transpose" and node.input[0] in initializers]
+    for node in folded:
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        weight = onnx.numpy_helper.to_array(initializers[node.input[0]])
+        graph.initializer.append(onnx.numpy_helper.from_array(np.transpose(weight, perm), node.output[0]))
+        graph.node.remove(node)
+    still_read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    for tensor in [t for t in graph.initializer if t.name not in still_read]:
+        graph.initializer.remove(tensor)
+    return len(folded)
+
+
+def unshare_weights(graph: onnx.GraphProto, op_types: tuple[str, ...]) -> int:
+    """Give each of these ops its own copy of a weight that another node also reads; returns the copies made.
+
+    The quantizer replaces a weight by its int8 version at the first MatMul that reads it, and then cannot
+    type it at the second."""
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    readers = Counter(name for node in graph.node for name in node.input if name in initializers)
+    copies = 0
+    for node in graph.node:
+        if node.op_type not in op_types:
+            continue
+        for i, name in enumerate(node.input):
+            if readers.get(name, 0) > 1:
+                readers[name] -= 1  # the last reader keeps the original
+                copy = graph.initializer.add()
+                copy.CopyFrom(initializers[name])
+                copy.name = node.input[i] = f"{name}.{node.name or copies}.copy"
+                copies += 1
+    return copies
+
+
+def _graph_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.parent.glob(f"{path.name}*"))
+
+
+@dataclass(frozen=True)
+class ReducedPrecision:
+    """A cheaper graph for one device, served there only within its limits against fp32."""
+
+    precision: Precision
+    file: str
+    write: Callable[[Path, Path], None]
+    device: Device  # where it is served, and so where its parity is checked
+    max_dp: float
+    min_agreement: float
+
+
+REDUCED_PRECISIONS = (
+    ReducedPrecision("fp16", "ensemble.fp16.onnx", write_fp16, "cuda", max_dp=1e-3, min_agreement=1.0),
+    ReducedPrecision("int8", "ensemble.int8.onnx", write_int8, "cpu", max_dp=0.02, min_agreement=0.99),
+)
+
+
+def check_parity(
+    reference: Path, candidate: Path, pixels: np.ndarray, threshold: float, reduced: ReducedPrecision
+) -> ParityCheck:
+    """Both graphs on the same real patches, on the device the candidate is served on when this machine has it."""
+    # the onnxruntime-gpu wheel lists CUDA even where it cannot load; torch tells whether a GPU is really there
+    cuda = reduced.device == "cuda" and torch.cuda.is_available()
+    cuda = cuda and "CUDAExecutionProvider" in ort.get_available_providers()
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+    probs = []
+    for path in (reference, candidate):
+        session = ort.InferenceSession(str(path), providers=providers)
+        probs.append(
+            np.concatenate(
+                [session.run([ONNX_OUTPUT], {ONNX_INPUT: pixels[s : s + 16]})[0] for s in range(0, len(pixels), 16)]
+            )
+        )
+    dp = float(np.abs(probs[1].astype(np.float64) - probs[0]).max())
+    agreement = float((classify(probs[0], threshold) == classify(probs[1], threshold)).mean())
+    accepted = dp <= reduced.max_dp and agreement >= reduced.min_agreement
+    return ParityCheck(
+        max_abs_dp=dp,
+        class_agreement=agreement,
+        patches=len(pixels),
+        provider=session.get_providers()[0],
+        accepted=accepted,
+    )
+
+
+def add_reduced_precisions(
+    staged: Path,
+    pixels: np.ndarray,
+    threshold: float,
+    candidates: tuple[ReducedPrecision, ...],
+    graphs: dict[Precision, str],
+    serve: dict[Device, Precision],
+    parity: dict[Precision, ParityCheck],
+) -> None:
+    """Write each candidate beside the fp32 graph ``staged``, check it on ``pixels``, record the check in ``parity``;
+    an accepted one goes into ``graphs`` and is served on its device (``serve``), a refused one is deleted."""
+    for reduced in candidates:
+        candidate = staged.with_name(reduced.file)
+        reduced.write(staged, candidate)
+        check = parity[reduced.precision] = check_parity(staged, candidate, pixels, threshold, reduced)
+        limits = f"limits |dp| <= {reduced.max_dp}, classes >= {reduced.min_agreement:.0%}"
+        verdict = f"served on {reduced.device}" if check.accepted else f"refused ({limits}): fp32 there"
+        agree = 100 * check.class_agreement
+        log.info(
+            "%s vs fp32 on %d patches (%s): max |dp| %.2e, classes agree on %.1f%%: %s",
+            reduced.precision,
+            check.patches,
+            check.provider,
+            check.max_abs_dp,
+            agree,
+            verdict,
+        )
+        if check.accepted:
+            graphs[reduced.precision] = reduced.file
+            serve[reduced.device] = reduced.precision
+        else:
+            for refused in staged.parent.glob(f"{reduced.file}*"):
+                refused.unlink()

@@ -79,7 +79,9 @@ class Preprocess(nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # image statistics in fp32, also under bf16 training
             with torch.autocast(x.device.type, enabled=False):
                 return self.standardized(x.float())
-        x = standardize_channels(x)
+        # channels-last, the layout the convolutions take: per-image sums follow memory order, and one layout
+        # gives training, validation and the exported graph the same bits
+        x = standardize_channels(x.contiguous(memory_format=torch.channels_last))
         return equalize_detail(x) if self.standardize == "channels+detail" else x
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Cross-validation folds, persisted as ``splits.json`` in the run.
+"""Cross-validation folds, persisted as ``splits.json`` in the run, and each fold's figures (``fold_data``).
 
 Strategies:
 - ``slide`` (default): stratified by label, grouped by slide: no slide's figures are both trained on and validated.

@@ -9,8 +9,9 @@ import pytest
 from conftest import red_mean_model, run_cli
 
 from contracts import resample_to_pixel_size
-from training.data import jpeg_grid, read_dataset
+from training.data import read_dataset
 from training.evaluate import figures as classification_figures
+from training.lab.describe import jpeg_grid
 from training.lab.probe import RENDERINGS, as_jpeg, defocused, probe, stained, with_gamma, with_noise
 from training.synthetic import synthetic_figures, write_midog25
 

@@ -159,18 +159,23 @@ class OnnxEnsemble:
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
         return served, ort.InferenceSession(str(model_dir / graph), providers=providers)
 
-    def at_model_pixel_size(self, pages: list[np.ndarray],
-                            pixel_sizes_um: Sequence[float | None]) -> list[np.ndarray]:  # fmt: skip
+    def at_model_pixel_size(self, pages: list[np.ndarray], pixel_sizes_um: Sequence[float | None]) -> list[np.ndarray]:
         """Each page with a known pixel size resampled to the one the model was trained at (when it records one)."""
         target = self.manifest.pixel_size_um
         if target is None:
             return pages
         unknown = sum(size is None for size in pixel_sizes_um)
         if unknown:
-            log.warning("%d of %d page(s) record no pixel size; served as they are (the model was trained at %.3f "
-                        "um/px)", unknown, len(pages), target)  # fmt: skip
-        return [page if size is None else resample_to_pixel_size(page, size, target)
-                for page, size in zip(pages, pixel_sizes_um, strict=True)]  # fmt: skip
+            log.warning(
+                "%d of %d page(s) record no pixel size; served as they are (the model was trained at %.3f um/px)",
+                unknown,
+                len(pages),
+                target,
+            )
+        return [
+            page if size is None else resample_to_pixel_size(page, size, target)
+            for page, size in zip(pages, pixel_sizes_um, strict=True)
+        ]
 
     def predict(self, pages: list[np.ndarray], pixel_sizes_um: Sequence[float | None] | None = None) -> np.ndarray:
         """P(atypical) per page, in page order, each page run alone: the int8 graph quantizes its activations over
@@ -223,9 +228,16 @@ def run(input_dir: Path, output_dir: Path, model_dir: Path, device: str, quiet: 
     sizes = sorted({f"{s:.3f}" if s is not None else "none" for s in case.pixel_sizes_um})
     log.info("read %s: %d page(s) at %s um/px", stack.name, len(case.pages), ", ".join(sizes))
     ensemble = OnnxEnsemble(model_dir, device, quiet)
-    log.info("model %s (%s, %d folds, threshold %.4f, trained at %s um/px) in %s on %s", model_dir,
-             ensemble.manifest.backbone, ensemble.manifest.folds, ensemble.manifest.threshold,
-             ensemble.manifest.pixel_size_um or "any", ensemble.precision, ensemble.provider)  # fmt: skip
+    log.info(
+        "model %s (%s, %d folds, threshold %.4f, trained at %s um/px) in %s on %s",
+        model_dir,
+        ensemble.manifest.backbone,
+        ensemble.manifest.folds,
+        ensemble.manifest.threshold,
+        ensemble.manifest.pixel_size_um or "any",
+        ensemble.precision,
+        ensemble.provider,
+    )
     probs = ensemble.predict(case.pages, pixel_sizes_um=case.pixel_sizes_um)
     answer = build_answer(probs, ensemble.manifest.threshold)
     validate_answer(answer, len(case.pages))
@@ -246,11 +258,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", type=Path, default=INPUT_DIR, help=f"case folder (default {INPUT_DIR})")
     parser.add_argument("--output", type=Path, default=OUTPUT_DIR, help=f"output folder (default {OUTPUT_DIR})")
-    parser.add_argument("--model", type=Path, help=f"model folder (default {GC_MODEL_DIR} if it has a manifest, "
-                        f"else {BAKED_MODEL_DIR.name}/ next to this file)")  # fmt: skip
-    parser.add_argument("--device", choices=DEVICES, default=os.environ.get(DEVICE_ENV) or "auto",
-                        help=f"cuda: fail unless the CUDA provider is active (default: ${DEVICE_ENV}, "
-                        "else auto)")  # fmt: skip
+    parser.add_argument(
+        "--model",
+        type=Path,
+        help=f"model folder (default {GC_MODEL_DIR} if it has a manifest, "
+        f"else {BAKED_MODEL_DIR.name}/ next to this file)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default=os.environ.get(DEVICE_ENV) or "auto",
+        help=f"cuda: fail unless the CUDA provider is active (default: ${DEVICE_ENV}, else auto)",
+    )
     parser.add_argument("--debug", action="store_true", help="full tracebacks and onnxruntime's own log")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)

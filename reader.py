@@ -198,14 +198,18 @@ def read_tiff(path: Path) -> tuple[list[Page], list[str]]:
     with tifffile_complaints() as complaints, tifffile.TiffFile(path) as tif:
         for index, page in enumerate(tif.pages):
             if page.imagelength * page.imagewidth * max(page.imagedepth, 1) > MAX_PAGE_PIXELS:  # before any decoding
-                raise InputError(f"{path.name}: page {index + 1}: refused, declared size too large "
-                                 f"({page.imagewidth}x{page.imagelength} pixels)")  # fmt: skip
+                raise InputError(
+                    f"{path.name}: page {index + 1}: refused, declared size too large "
+                    f"({page.imagewidth}x{page.imagelength} pixels)"
+                )
             if complaints:
                 break
             role = tiff_page_role(page)
             if role is not None:
-                skipped.append(f"{path.name}: page {index + 1} is {role} (NewSubfileType {int(page.subfiletype)}), "
-                               "not a figure; skipped")  # fmt: skip
+                skipped.append(
+                    f"{path.name}: page {index + 1} is {role} (NewSubfileType {int(page.subfiletype)}), "
+                    "not a figure; skipped"
+                )
                 continue
             figure = decode_tiff_page(page, f"{path.name}: page {index + 1}")
             resolution = {tag: _rational(page.tags.valueof(tag)) for tag in (282, 283, 296) if tag in page.tags}
@@ -229,8 +233,9 @@ def read_mha(path: Path) -> tuple[list[Page], list[str]]:
     if array.ndim == page_dims:
         array = array[None]
     if array.ndim != page_dims + 1:
-        raise InputError(f"{path.name}: expected a stack [N, H, W{', 3' if components == 3 else ''}], got shape "
-                         f"{list(array.shape)}")  # fmt: skip
+        raise InputError(
+            f"{path.name}: expected a stack [N, H, W{', 3' if components == 3 else ''}], got shape {list(array.shape)}"
+        )
     if array.shape[1] * array.shape[2] > MAX_PAGE_PIXELS:
         raise InputError(f"{path.name}: refused, declared size too large ({array.shape[2]}x{array.shape[1]} pixels)")
     pixels = to_uint8(array, array.dtype.itemsize * 8, path.name)
@@ -274,23 +279,33 @@ def read_stack(path: Path) -> Stack:
         except Exception as err:  # decoders fail in many ways on damaged files; each is this file's problem
             native.seek(0)
             detail = next((line.strip() for line in native.read().decode(errors="replace").splitlines()), "")
-            raise InputError(f"{path.name}: unreadable image ({err.__class__.__name__}: {err})"
-                             + (f" [decoder: {detail}]" if detail else "")) from None  # fmt: skip
+            raise InputError(
+                f"{path.name}: unreadable image ({err.__class__.__name__}: {err})"
+                + (f" [decoder: {detail}]" if detail else "")
+            ) from None
     for warning in skipped:  # logged here: while the decoders ran, file descriptor 2 was captured
         log.warning("%s", warning)
     if not figures:
         raise InputError(f"{path.name}: no figure pages")
     if len(figures) > MAX_PAGES:
-        log.warning("%s: %d pages, more than the challenge's %d; answering all", path.name, len(figures),
-                    MAX_PAGES)  # fmt: skip
+        log.warning("%s: %d pages, more than the challenge's %d; answering all", path.name, len(figures), MAX_PAGES)
     grey = sum(f.grey for f in figures)
     if grey:
-        log.warning("%s: %d of %d page(s) are grey; served as RGB, the grey value in each channel", path.name, grey,
-                    len(figures))  # fmt: skip
+        log.warning(
+            "%s: %d of %d page(s) are grey; served as RGB, the grey value in each channel",
+            path.name,
+            grey,
+            len(figures),
+        )
     far = sorted(
         {f"{f.pixels.shape[1]}x{f.pixels.shape[0]}" for f in figures if far_from_challenge_size(f.pixels.shape)}
     )
     if far:
-        log.warning("%s: page size(s) %s far from the challenge's %dx%d; resized inside the graph", path.name,
-                    ", ".join(far), CHALLENGE_SIDE, CHALLENGE_SIDE)  # fmt: skip
+        log.warning(
+            "%s: page size(s) %s far from the challenge's %dx%d; resized inside the graph",
+            path.name,
+            ", ".join(far),
+            CHALLENGE_SIDE,
+            CHALLENGE_SIDE,
+        )
     return Stack([f.pixels for f in figures], [f.pixel_size_um for f in figures])

@@ -58,8 +58,13 @@ def engine() -> None:
         if os.environ.get("CI") == "true":
             pytest.fail("no Docker engine: .ci/run must start one (test/container/engine.sh)")
         pytest.skip("no Docker engine (bash test/container/engine.sh starts one, as root)")
-    subprocess.run(["bash", str(REPO / "test" / "container" / "engine.sh")], check=True, capture_output=True,
-                   env={**os.environ, "TEST_BASE_IMAGE": TEST_BASE_IMAGE}, timeout=900)  # fmt: skip
+    subprocess.run(
+        ["bash", str(REPO / "test" / "container" / "engine.sh")],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "TEST_BASE_IMAGE": TEST_BASE_IMAGE},
+        timeout=900,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -73,8 +78,17 @@ def checkout(engine, demo_run, tmp_path_factory) -> Path:
     shutil.copytree(REPO / "test" / "input", root / "test" / "input")
     shutil.copytree(demo_run["model"], root / "model")
     out = root.parent / "golden"
-    run_cli(REPO / "process.py", "--input", root / "test" / "input", "--output", out, "--model", root / "model",
-            "--device", "cpu")  # fmt: skip
+    run_cli(
+        REPO / "process.py",
+        "--input",
+        root / "test" / "input",
+        "--output",
+        out,
+        "--model",
+        root / "model",
+        "--device",
+        "cpu",
+    )
     shutil.copy(out / ANSWER_FILENAME, root / "golden.json")
     return root
 
@@ -109,8 +123,19 @@ def writable_dir(path: Path) -> Path:
 def run_case(tmp_path: Path, *flags: str | Path, image: str = IMAGE) -> tuple[subprocess.CompletedProcess, Path]:
     """One container start on test/input as Grand Challenge starts it: no network, /input read-only."""
     out = writable_dir(tmp_path / f"out{len(list(tmp_path.glob('out*')))}")
-    result = docker("run", "--rm", "--network", "none", "--volume", f"{REPO / 'test' / 'input'}:/input:ro",
-                    "--volume", f"{out}:/output", *flags, image, check=False)  # fmt: skip
+    result = docker(
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--volume",
+        f"{REPO / 'test' / 'input'}:/input:ro",
+        "--volume",
+        f"{out}:/output",
+        *flags,
+        image,
+        check=False,
+    )
     return result, out / ANSWER_FILENAME
 
 
@@ -178,8 +203,9 @@ def test_the_model_at_opt_ml_model_is_the_one_that_answers(built, tmp_path):
     result, answer = run_case(tmp_path, *CPU, "--volume", f"{other}:/opt/ml/model:ro")
     assert result.returncode == 0, result.stderr
     golden = tmp_path / "red-mean-golden"
-    run_cli(REPO / "process.py", "--input", REPO / "test" / "input", "--output", golden, "--model", other,
-            "--device", "cpu")  # fmt: skip
+    run_cli(
+        REPO / "process.py", "--input", REPO / "test" / "input", "--output", golden, "--model", other, "--device", "cpu"
+    )
     assert_golden(answer, golden / ANSWER_FILENAME)
 
 
@@ -203,17 +229,30 @@ def test_organizers_harness_loads_copies_out_and_times_the_image(checkout, expor
     docker("image", "rm", IMAGE)  # what runs below comes from the archive
     assert IMAGE in docker("load", "--input", exported["image"]).stdout
     code = writable_dir(tmp_path / "code")
-    docker("run", "--rm", "--volume", f"{code}:/xchange", "--entrypoint", "bash", IMAGE, "-c",
-           "cp -r /opt/app/* /xchange/")  # fmt: skip
+    docker(
+        "run", "--rm", "--volume", f"{code}:/xchange", "--entrypoint", "bash", IMAGE, "-c", "cp -r /opt/app/* /xchange/"
+    )
     assert {"inference.py", "process.py", "contracts.py", "model"} <= {p.name for p in code.iterdir()}
     timed_copy = tmp_path / "inference_timed.py"
     timed_copy.write_text(timed((code / "inference.py").read_text()))
     case = tmp_path / "in"
     shutil.copytree(REPO / "test" / "input", case)
     out = writable_dir(tmp_path / "out")
-    result = docker("run", "--rm", "--volume", f"{case}:/input:ro", "--volume", f"{out}:/output:rw", *CPU,
-                    "--volume", f"{timed_copy}:/opt/app/inference.py:ro", "--shm-size", "1024M", IMAGE,
-                    check=False)  # fmt: skip
+    result = docker(
+        "run",
+        "--rm",
+        "--volume",
+        f"{case}:/input:ro",
+        "--volume",
+        f"{out}:/output:rw",
+        *CPU,
+        "--volume",
+        f"{timed_copy}:/opt/app/inference.py:ro",
+        "--shm-size",
+        "1024M",
+        IMAGE,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert_golden(out / ANSWER_FILENAME, checkout / "golden.json")
     header, row = (out / "time.csv").read_text().splitlines()
@@ -224,15 +263,48 @@ def test_score_runs_the_image_once_per_real_stack_and_scores_as_the_leaderboard(
     """Stacks of real breast-subset figures with their known labels: ``score --image`` starts the image once per
     stack; its answers are process.py's on this machine, and its figures sklearn's from the same answers."""
     cases, answers, metrics = tmp_path / "cases", tmp_path / "answers", tmp_path / "metrics.json"
-    run_cli("-m", "training", "stacks", "--data-root", shared_path("midog25-breast-subset"), "--output", cases,
-            "--stacks", "3", "--domain", "scanner")  # fmt: skip
-    run_cli("-m", "training", "score", "--ground-truth", cases / "ground_truth.json", "--answers", answers,
-            "--image", IMAGE, "--device", "cpu", "--json", metrics)  # fmt: skip
+    run_cli(
+        "-m",
+        "training",
+        "stacks",
+        "--data-root",
+        shared_path("midog25-breast-subset"),
+        "--output",
+        cases,
+        "--stacks",
+        "3",
+        "--domain",
+        "scanner",
+    )
+    run_cli(
+        "-m",
+        "training",
+        "score",
+        "--ground-truth",
+        cases / "ground_truth.json",
+        "--answers",
+        answers,
+        "--image",
+        IMAGE,
+        "--device",
+        "cpu",
+        "--json",
+        metrics,
+    )
     labels, classes, scores = [], [], []
     for stack in json.loads((cases / "ground_truth.json").read_text()):
         name = Path(stack["image"]).stem
-        run_cli(REPO / "process.py", "--input", cases / name, "--output", tmp_path / "host" / name, "--model",
-                checkout / "model", "--device", "cpu")  # fmt: skip
+        run_cli(
+            REPO / "process.py",
+            "--input",
+            cases / name,
+            "--output",
+            tmp_path / "host" / name,
+            "--model",
+            checkout / "model",
+            "--device",
+            "cpu",
+        )
         host = tmp_path / "host" / name / ANSWER_FILENAME
         assert_golden(answers / name / ANSWER_FILENAME, host)
         labels += [label == "atypical" for label in stack["labels"]]

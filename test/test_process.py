@@ -138,8 +138,9 @@ def test_truncated_tiff_fails_cleanly(model_dir, pages, tmp_path):
 
 
 def test_missing_input_folder_fails_cleanly(model_dir, tmp_path):
-    result = run_cli(PROCESS, "--input", tmp_path / "nowhere", "--output", tmp_path / "out", "--model", model_dir,
-                     check=False)  # fmt: skip
+    result = run_cli(
+        PROCESS, "--input", tmp_path / "nowhere", "--output", tmp_path / "out", "--model", model_dir, check=False
+    )
     assert_clean_failure(result, tmp_path / "out", "no such folder")
 
 
@@ -147,16 +148,29 @@ def test_tampered_model_fails_cleanly(model_dir, tmp_path):
     tampered = shutil.copytree(model_dir, tmp_path / "model")
     onnx_path = tampered / "ensemble.onnx"
     onnx_path.write_bytes(onnx_path.read_bytes() + b"\0")
-    result = run_cli(PROCESS, "--input", REPO / "test" / "input", "--output", tmp_path / "out", "--model", tampered,
-                     check=False)  # fmt: skip
+    result = run_cli(
+        PROCESS, "--input", REPO / "test" / "input", "--output", tmp_path / "out", "--model", tampered, check=False
+    )
     assert_clean_failure(result, tmp_path / "out", "sha256")
 
 
-@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available(),
-                    reason="a GPU is present: the CUDA provider would load")  # fmt: skip
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available(),
+    reason="a GPU is present: the CUDA provider would load",
+)
 def test_device_cuda_never_falls_back_to_cpu_silently(model_dir, tmp_path):
-    result = run_cli(PROCESS, "--input", REPO / "test" / "input", "--output", tmp_path / "out", "--model", model_dir,
-                     "--device", "cuda", check=False)  # fmt: skip
+    result = run_cli(
+        PROCESS,
+        "--input",
+        REPO / "test" / "input",
+        "--output",
+        tmp_path / "out",
+        "--model",
+        model_dir,
+        "--device",
+        "cuda",
+        check=False,
+    )
     assert_clean_failure(result, tmp_path / "out", "device cuda")
 
 
@@ -219,8 +233,9 @@ def test_a_manifest_that_does_not_parse_fails_cleanly(model_dir, tmp_path, damag
         manifest["threshold"] = "half"
     text = "{" if damage == "not json" else json.dumps(manifest)
     (broken / "manifest.json").write_text(text)
-    result = run_cli(PROCESS, "--input", REPO / "test" / "input", "--output", tmp_path / "out", "--model", broken,
-                     check=False)  # fmt: skip
+    result = run_cli(
+        PROCESS, "--input", REPO / "test" / "input", "--output", tmp_path / "out", "--model", broken, check=False
+    )
     assert_clean_failure(result, tmp_path / "out", "manifest")
 
 
@@ -245,8 +260,10 @@ def test_device_auto_serves_the_graph_of_the_provider_that_loaded(model_dir):
 def test_pages_of_any_mode_become_rgb(model_dir, pages, tmp_path, mode):
     image_dir = tmp_path / "in" / "images" / INPUT_INTERFACE
     image_dir.mkdir(parents=True)
-    converted = [Image.fromarray(p).convert("L").convert(mode) if mode == "I;16" else Image.fromarray(p).convert(mode)
-                 for p in pages[:3]]  # fmt: skip
+    converted = [
+        Image.fromarray(p).convert("L").convert(mode) if mode == "I;16" else Image.fromarray(p).convert(mode)
+        for p in pages[:3]
+    ]
     converted[0].save(image_dir / "stack.tif", save_all=True, append_images=converted[1:])
     answer, _ = answer_for(tmp_path / "in", model_dir, tmp_path / "out")
     validate_answer(answer, n_pages=3)
@@ -339,8 +356,9 @@ def test_each_class_of_failure_has_its_exit_code(model_dir, tmp_path):
         ((sample, blocker / "out", model_dir), 3),  # the output folder would be inside a file
         ((sample, tmp_path / "o3", tampered), 4),
     ]:
-        result = run_cli(PROCESS, "--input", args[0], "--output", args[1], "--model", args[2], "--device", "cpu",
-                         check=False)  # fmt: skip
+        result = run_cli(
+            PROCESS, "--input", args[0], "--output", args[1], "--model", args[2], "--device", "cpu", check=False
+        )
         assert result.returncode == code, (code, result.stderr)
         assert len([line for line in result.stderr.splitlines() if line.startswith("ERROR")]) == 1
 
@@ -348,8 +366,18 @@ def test_each_class_of_failure_has_its_exit_code(model_dir, tmp_path):
 def test_an_unwritable_output_folder_fails_before_the_model_loads(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    result = run_cli(PROCESS, "--input", REPO / "test" / "input", "--output", blocker / "out", "--model",
-                     tmp_path / "no-model", "--device", "cpu", check=False)  # fmt: skip
+    result = run_cli(
+        PROCESS,
+        "--input",
+        REPO / "test" / "input",
+        "--output",
+        blocker / "out",
+        "--model",
+        tmp_path / "no-model",
+        "--device",
+        "cpu",
+        check=False,
+    )
     assert result.returncode == 3 and "output folder not writable" in result.stderr, result.stderr
     assert "no manifest" not in result.stderr and "read " not in result.stderr  # neither the model nor the stack
 

@@ -82,8 +82,15 @@ def write_tiff(photometric, bits, planar, compression, tile, byteorder) -> bytes
     buffer = io.BytesIO()
     with tifffile.TiffWriter(buffer, byteorder=byteorder) as tw:
         for page in stored:
-            tw.write(page, photometric=photometric, planarconfig=planar, compression=compression, tile=tile,
-                     metadata=None, **extra)  # fmt: skip
+            tw.write(
+                page,
+                photometric=photometric,
+                planarconfig=planar,
+                compression=compression,
+                tile=tile,
+                metadata=None,
+                **extra,
+            )
     return buffer.getvalue()
 
 
@@ -166,8 +173,9 @@ def test_12_bit_jpeg_reads_as_its_codec_decodes_it(tmp_path):
     data = tiff_bytes(np.rint(REF * (4095 / 255)).astype(np.uint16), photometric="rgb", compression="jpeg")
     with tifffile.TiffFile(io.BytesIO(data)) as tif:  # one strip per page: the strip is the whole JPEG stream
         assert tif.pages[0].bitspersample == 12 and len(tif.pages[0].dataoffsets) == 1
-        codec = [imagecodecs.jpeg_decode(data[p.dataoffsets[0] : p.dataoffsets[0] + p.databytecounts[0]])
-                 for p in tif.pages]  # fmt: skip
+        codec = [
+            imagecodecs.jpeg_decode(data[p.dataoffsets[0] : p.dataoffsets[0] + p.databytecounts[0]]) for p in tif.pages
+        ]
     expected = np.floor(np.stack(codec) * (255 / 4095) + 0.5).astype(np.uint8)
     np.testing.assert_array_equal(np.stack(read(tmp_path, data).pages), expected)
     assert np.abs(expected.astype(int) - REF).mean() < 8
@@ -235,12 +243,25 @@ def test_other_colour_spaces_are_refused_by_name(tmp_path, options, words):
 @pytest.mark.parametrize("bits", [1, 8, 16])
 def test_extra_samples_and_bilevel(tmp_path, bits):
     alpha = np.full((*REF.shape[:-1], 1), 77, np.uint8)
-    rgba = read(tmp_path, tiff_bytes(widen(np.concatenate([REF, alpha], -1), 16 if bits == 16 else 8),
-                                     photometric="rgb", extrasamples=["unassalpha"]))  # fmt: skip
+    rgba = read(
+        tmp_path,
+        tiff_bytes(
+            widen(np.concatenate([REF, alpha], -1), 16 if bits == 16 else 8),
+            photometric="rgb",
+            extrasamples=["unassalpha"],
+        ),
+    )
     np.testing.assert_array_equal(np.stack(rgba.pages), REF)
     grey_alpha = np.concatenate([GREY[..., None], alpha], -1)
-    la = read(tmp_path, tiff_bytes(widen(grey_alpha, 16 if bits == 16 else 8), photometric="minisblack",
-                                   planarconfig="contig", extrasamples=["assocalpha"]))  # fmt: skip
+    la = read(
+        tmp_path,
+        tiff_bytes(
+            widen(grey_alpha, 16 if bits == 16 else 8),
+            photometric="minisblack",
+            planarconfig="contig",
+            extrasamples=["assocalpha"],
+        ),
+    )
     np.testing.assert_array_equal(np.stack(la.pages), np.repeat(GREY[..., None], 3, -1))
     if bits == 1:
         bilevel = GREY > 127
@@ -272,8 +293,11 @@ def test_pages_that_are_not_figures_are_skipped_with_a_warning(tmp_path, caplog,
     buffer = io.BytesIO()
     with tifffile.TiffWriter(buffer) as tw:
         tw.write(REF[0], photometric="rgb")
-        tw.write(REF[0, ::2, ::2, 0] > 0 if subfiletype & 4 else REF[0, ::2, ::2], subfiletype=subfiletype,
-                 photometric="minisblack" if subfiletype & 4 else "rgb")  # fmt: skip
+        tw.write(
+            REF[0, ::2, ::2, 0] > 0 if subfiletype & 4 else REF[0, ::2, ::2],
+            subfiletype=subfiletype,
+            photometric="minisblack" if subfiletype & 4 else "rgb",
+        )
         tw.write(REF[1], photometric="rgb")
     stack = read(tmp_path, buffer.getvalue())
     np.testing.assert_array_equal(np.stack(stack.pages), REF)
@@ -364,8 +388,17 @@ def answer(tmp_path, model_dir, write) -> tuple[list[dict], str]:
     folder = tmp_path / "in" / "images" / INPUT_INTERFACE
     folder.mkdir(parents=True)
     write(folder / "stack.tiff")
-    result = run_cli(REPO / "process.py", "--input", tmp_path / "in", "--output", tmp_path / "out", "--model",
-                     model_dir, "--device", "cpu")  # fmt: skip
+    result = run_cli(
+        REPO / "process.py",
+        "--input",
+        tmp_path / "in",
+        "--output",
+        tmp_path / "out",
+        "--model",
+        model_dir,
+        "--device",
+        "cpu",
+    )
     return json.loads((tmp_path / "out" / ANSWER_FILENAME).read_text()), result.stderr
 
 
@@ -382,15 +415,22 @@ def test_the_issues_stacks_get_the_8_bit_stacks_answer(demo_run, sample_pages, t
 
     expected, _ = answer(tmp_path / "rgb8", model, lambda p: tifffile.imwrite(p, ref, photometric="rgb"))
     planes16 = (ref.astype(np.uint16) * 257).transpose(0, 3, 1, 2)
-    planar16, _ = answer(tmp_path / "planar16", model, lambda p: tifffile.imwrite(p, planes16, photometric="rgb",
-                                                                                  planarconfig="separate"))  # fmt: skip
+    planar16, _ = answer(
+        tmp_path / "planar16",
+        model,
+        lambda p: tifffile.imwrite(p, planes16, photometric="rgb", planarconfig="separate"),
+    )
     with_overview, log = answer(tmp_path / "overview", model, overview)
     assert len(expected) == 16 and planar16 == expected and with_overview == expected
     assert "page 17 is a reduced-resolution overview" in log
-    grey8, _ = answer(tmp_path / "grey8", model, lambda p: tifffile.imwrite(p, np.repeat(grey[..., None], 3, -1),
-                                                                            photometric="rgb"))  # fmt: skip
-    grey16, log = answer(tmp_path / "grey16", model, lambda p: tifffile.imwrite(p, grey.astype(np.uint16) * 257,
-                                                                                photometric="minisblack"))  # fmt: skip
+    grey8, _ = answer(
+        tmp_path / "grey8", model, lambda p: tifffile.imwrite(p, np.repeat(grey[..., None], 3, -1), photometric="rgb")
+    )
+    grey16, log = answer(
+        tmp_path / "grey16",
+        model,
+        lambda p: tifffile.imwrite(p, grey.astype(np.uint16) * 257, photometric="minisblack"),
+    )
     assert grey16 == grey8 and "16 of 16 page(s) are grey" in log
 
 

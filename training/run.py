@@ -26,6 +26,8 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class FoldFolder:
+    """``RUN/fold_<k>/``: one fold's files."""
+
     path: Path
 
     @property
@@ -72,6 +74,8 @@ class FoldFolder:
 
 @dataclass(frozen=True)
 class RunFolder:
+    """``RUN/``: a run's files; nothing is created until training writes it."""
+
     path: Path
 
     @property

@@ -243,6 +243,8 @@ class FoldTrainer:
         return self.state["best"]
 
     def finish(self) -> None:
+        """The kept epoch's model (``save_fold_model``), its predictions on the held-out fold (``val.csv``; with
+        ``tta`` the 8-view mean, the single view beside it) and, last, ``best.json``."""
         cfg, data, best = self.cfg, self.data, self.state["best"]
         restore_learned_state(self.model, self.state["best_state"])
         save_fold_model(self.model, cfg, self.folder.path)

@@ -9,7 +9,7 @@ import torch
 from conftest import DEMO_CONFIG
 
 import training.train as train_module
-from training.config import load_config, save_config
+from training.config import load_config
 from training.data import read_midog25
 from training.export import export_run
 from training.synthetic import write_midog25
@@ -182,48 +182,6 @@ def test_d4_views_are_the_eight_symmetries_of_the_square():
     assert sorted(v.flatten().tolist() for v in views) == sorted(e.flatten().tolist() for e in expected)
     assert len({tuple(v.flatten().tolist()) for v in views}) == 8 and torch.equal(views[0], x)
     torch.testing.assert_close(mean_over_views(torch.arange(16.0), 8), torch.tensor([7.0, 8.0]))
-
-
-SHIPPED_CONFIGS = sorted([*DEMO_CONFIG.parent.glob("*.yaml"), *DEMO_CONFIG.parent.glob("ablations/*.yaml")])
-
-
-@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_config_loads_and_names_a_registered_backbone(path):
-    from training.backbones import BACKBONES
-
-    cfg = load_config(path)
-    assert cfg.backbone in BACKBONES and path.stem.startswith(cfg.name)
-
-
-def test_a_config_states_only_what_it_changes_from_its_base(tmp_path):
-    (tmp_path / "variants").mkdir()
-    (tmp_path / "variants" / "a.yaml").write_text(f"base: {DEMO_CONFIG}\nname: a\nepochs: 7\n")
-    (tmp_path / "b.yaml").write_text("base: variants/a.yaml\nname: b\nseed: 3\n")
-    chained = load_config(tmp_path / "b.yaml", {"seed": 5})
-    assert chained == load_config(DEMO_CONFIG, {"name": "b", "epochs": 7, "seed": 5})
-    (tmp_path / "loop.yaml").write_text("base: loop2.yaml\n")
-    (tmp_path / "loop2.yaml").write_text("base: loop.yaml\n")
-    with pytest.raises(ValueError, match="'base' loops back"):
-        load_config(tmp_path / "loop.yaml")
-    (tmp_path / "number.yaml").write_text("base: 3\n")
-    with pytest.raises(ValueError, match="'base' names another config file"):
-        load_config(tmp_path / "number.yaml")
-
-
-def test_the_training_length_is_stated_once_in_epochs_or_steps_and_a_later_layer_replaces_it(tmp_path):
-    in_steps = load_config(DEMO_CONFIG, {"steps": 50})
-    assert (in_steps.epochs, in_steps.steps) == (None, 50)
-    (tmp_path / "steps.yaml").write_text(f"base: {DEMO_CONFIG}\nname: steps\nsteps: 50\n")
-    assert load_config(tmp_path / "steps.yaml").steps == 50  # over a base in epochs
-    again = load_config(tmp_path / "steps.yaml", {"epochs": 3})  # train --epochs 3
-    assert (again.epochs, again.steps) == (3, None)
-    save_config(in_steps, tmp_path / "saved.yaml")  # a run folder's config reloads as it was saved
-    assert load_config(tmp_path / "saved.yaml") == in_steps
-    (tmp_path / "both.yaml").write_text("name: both\nbackbone: tiny-virchow\nepochs: 3\nsteps: 50\n")
-    with pytest.raises(ValueError, match="epochs or steps"):
-        load_config(tmp_path / "both.yaml")
-    with pytest.raises(ValueError, match="epochs or steps"):
-        load_config(DEMO_CONFIG, {"epochs": None})
 
 
 def test_a_length_in_steps_gives_a_fold_with_fewer_figures_more_epochs(small_data, tmp_path):

@@ -13,6 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 DEMO_CONFIG = REPO / "training" / "configs" / "tiny-demo.yaml"
 sys.path.insert(0, str(REPO))
+# the Docker engine and the image under test (engine, checkout, built, exported), for the container tests
+pytest_plugins = ["engine_fixtures"]
 
 
 def shared_path(*parts: str) -> Path:
@@ -33,6 +35,60 @@ def run_cli(*args: str | Path, check: bool = True) -> subprocess.CompletedProces
     if check and result.returncode != 0:
         pytest.fail(f"{' '.join(map(str, args))} exited {result.returncode}:\n{result.stderr[-3000:]}")
     return result
+
+
+PROCESS = REPO / "process.py"
+
+
+def answer_for(case_dir: Path, model_dir: Path, out_dir: Path, *extra: str) -> tuple[list, subprocess.CompletedProcess]:
+    """process.py's answer on a case folder, on the CPU, and its completed process."""
+    import json
+
+    from contracts import ANSWER_FILENAME
+
+    result = run_cli(PROCESS, "--input", case_dir, "--output", out_dir, "--model", model_dir, "--device", "cpu", *extra)
+    answer = json.loads((out_dir / ANSWER_FILENAME).read_text())
+    return answer, result
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess, out_dir: Path, *expected_words: str) -> None:
+    """Exit non-zero, one ERROR line holding ``expected_words``, nothing but our log on stderr, no answer file."""
+    from contracts import ANSWER_FILENAME
+
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert all(line.split(" ", 1)[0] in ("INFO", "WARNING", "ERROR") for line in result.stderr.splitlines()), (
+        result.stderr  # nothing but our log: no decoder's own lines
+    )
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1, result.stderr
+    for word in expected_words:
+        assert word in errors[0], errors[0]
+    assert not (out_dir / ANSWER_FILENAME).exists()
+    assert not list(out_dir.glob(".*tmp")) if out_dir.exists() else True
+
+
+def case_with_file(tmp_path: Path, name: str, content: bytes) -> Path:
+    """A case folder whose stack folder holds one file ``name`` with ``content``."""
+    from contracts import INPUT_INTERFACE
+
+    image_dir = tmp_path / "in" / "images" / INPUT_INTERFACE
+    image_dir.mkdir(parents=True)
+    (image_dir / name).write_bytes(content)
+    return tmp_path / "in"
+
+
+@pytest.fixture(scope="module")
+def pages():
+    """16 synthetic figures, RGB uint8 [16, 128, 128, 3]."""
+    from training.synthetic import synthetic_figures
+
+    return synthetic_figures(16, seed=11, n_slides=3)[0]
+
+
+@pytest.fixture(scope="module")
+def model_dir(demo_run):
+    return demo_run["model"]
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
-"""The whole chain once: synthetic MIDOG25 data -> 3 LoRA folds -> merged ONNX ensemble -> the container's run
-(test.sh against the fake docker, on CPU) -> the answer PyTorch gives with the trained, unmerged folds.
+"""The whole chain once: synthetic MIDOG25 data -> 3 LoRA folds -> merged ONNX ensemble -> the real image's run
+(test.sh with a Docker engine, on CPU) -> the answer PyTorch gives with the trained, unmerged folds.
 
 The golden answer is computed here, from the run, rather than read from the committed test/expected_output.json:
 20 seeded epochs reproduce a model bit for bit on one machine, but a CPU with other vector units rounds
@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 import torch
-from test_container_scripts import docker_calls, repo_copy, run_script
+from engine_fixtures import run_script
 
 import process
 import reader
@@ -31,16 +31,9 @@ def pytorch_answer(run_dir, case_dir) -> list[dict]:
     return build_answer(probs.tolist(), threshold)
 
 
-def test_demo_chain_through_test_sh_matches_pytorch(demo_run, tmp_path):
-    log = tmp_path / "docker.log"
-    checkout = repo_copy(tmp_path, demo_run["model"])  # the model baked into the "image", as make demo leaves it
+def test_demo_chain_through_test_sh_matches_pytorch(demo_run, checkout, built, tmp_path):
+    """test.sh builds the image with the demo model baked in, as make demo leaves it, and runs it on test/input."""
     expected = tmp_path / "pytorch_answer.json"
     expected.write_text(json.dumps(pytorch_answer(demo_run["run"], checkout / "test" / "input")))
-    result = run_script(checkout / "test.sh", {"GPUS": "", "FAKE_DOCKER_LOG": str(log), "EXPECTED": str(expected)})
-    assert result.returncode == 0, result.stderr
+    result = run_script(checkout, "test.sh", GPUS="", EXPECTED=str(expected))
     assert "OK: 16 answers match" in result.stdout
-    build, run = docker_calls(log)
-    assert build[0] == "build" and run[0] == "run"
-    assert run[run.index("--network") + 1] == "none"
-    assert any(a.endswith(":/input:ro") for a in run)
-    assert run[-2:] == ["--device", "cpu"] and "--gpus" not in run

@@ -1,51 +1,15 @@
 """process.py, the container entry point: valid answers on every kind of stack, clean failures on bad input."""
 
-import json
-import shutil
-
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
-from conftest import REPO, red_mean_model, run_cli, shared_path
+from conftest import REPO, answer_for, case_with_file, red_mean_model, shared_path
 from PIL import Image
 
 import process
 import reader
 from contracts import ANSWER_FILENAME, INPUT_INTERFACE, resample_to_pixel_size, validate_answer
-from training.synthetic import synthetic_figures, write_case
-
-PROCESS = REPO / "process.py"
-
-
-def answer_for(case_dir, model_dir, out_dir, *extra):
-    result = run_cli(PROCESS, "--input", case_dir, "--output", out_dir, "--model", model_dir, "--device", "cpu", *extra)
-    answer = json.loads((out_dir / ANSWER_FILENAME).read_text())
-    return answer, result
-
-
-def assert_clean_failure(result, out_dir, *expected_words):
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    assert all(line.split(" ", 1)[0] in ("INFO", "WARNING", "ERROR") for line in result.stderr.splitlines()), (
-        result.stderr  # nothing but our log: no decoder's own lines
-    )
-    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
-    assert len(errors) == 1, result.stderr
-    for word in expected_words:
-        assert word in errors[0], errors[0]
-    assert not (out_dir / ANSWER_FILENAME).exists()
-    assert not list(out_dir.glob(".*tmp")) if out_dir.exists() else True
-
-
-@pytest.fixture(scope="module")
-def pages():
-    return synthetic_figures(16, seed=11, n_slides=3)[0]
-
-
-@pytest.fixture(scope="module")
-def model_dir(demo_run):
-    return demo_run["model"]
+from training.synthetic import write_case
 
 
 def test_organizers_sample_case_is_answered(model_dir, tmp_path):
@@ -108,76 +72,10 @@ def test_mixed_modes_and_sizes_in_one_stack(model_dir, pages, tmp_path):
     validate_answer(answer, n_pages=4)
 
 
-def _case_with_file(tmp_path, name, content: bytes):
-    image_dir = tmp_path / "in" / "images" / INPUT_INTERFACE
-    image_dir.mkdir(parents=True)
-    (image_dir / name).write_bytes(content)
-    return tmp_path / "in"
-
-
-@pytest.mark.parametrize(
-    ("name", "content", "words"),
-    [
-        ("empty.tiff", b"", ("empty.tiff", "empty file")),
-        ("notes.tif", b"this is not an image at all", ("notes.tif", "unreadable")),
-        ("stack.mha", b"ObjectType = Image\nNDims = 3\nDimSize = 9 9\n", ("stack.mha",)),
-        ("readme.txt", b"no image here", ("no .tif, .tiff or .mha",)),
-    ],
-)
-def test_bad_files_fail_cleanly(model_dir, tmp_path, name, content, words):
-    case = _case_with_file(tmp_path, name, content)
-    result = run_cli(PROCESS, "--input", case, "--output", tmp_path / "out", "--model", model_dir, check=False)
-    assert_clean_failure(result, tmp_path / "out", *words)
-
-
-def test_truncated_tiff_fails_cleanly(model_dir, pages, tmp_path):
-    path = write_case(tmp_path / "full", pages[:4])
-    case = _case_with_file(tmp_path, "cut.tiff", path.read_bytes()[: path.stat().st_size // 3])
-    result = run_cli(PROCESS, "--input", case, "--output", tmp_path / "out", "--model", model_dir, check=False)
-    assert_clean_failure(result, tmp_path / "out", "cut.tiff")
-
-
-def test_missing_input_folder_fails_cleanly(model_dir, tmp_path):
-    result = run_cli(
-        PROCESS, "--input", tmp_path / "nowhere", "--output", tmp_path / "out", "--model", model_dir, check=False
-    )
-    assert_clean_failure(result, tmp_path / "out", "no such folder")
-
-
-def test_tampered_model_fails_cleanly(model_dir, tmp_path):
-    tampered = shutil.copytree(model_dir, tmp_path / "model")
-    onnx_path = tampered / "ensemble.onnx"
-    onnx_path.write_bytes(onnx_path.read_bytes() + b"\0")
-    result = run_cli(
-        PROCESS, "--input", REPO / "test" / "input", "--output", tmp_path / "out", "--model", tampered, check=False
-    )
-    assert_clean_failure(result, tmp_path / "out", "sha256")
-
-
-@pytest.mark.skipif(
-    "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available(),
-    reason="a GPU is present: the CUDA provider would load",
-)
-def test_device_cuda_never_falls_back_to_cpu_silently(model_dir, tmp_path):
-    result = run_cli(
-        PROCESS,
-        "--input",
-        REPO / "test" / "input",
-        "--output",
-        tmp_path / "out",
-        "--model",
-        model_dir,
-        "--device",
-        "cuda",
-        check=False,
-    )
-    assert_clean_failure(result, tmp_path / "out", "device cuda")
-
-
 def test_a_grey_mha_is_read_as_grey_pages_even_when_its_width_is_3(model_dir, tmp_path):
     import SimpleITK as sitk
 
-    case = _case_with_file(tmp_path, "placeholder", b"")
+    case = case_with_file(tmp_path, "placeholder", b"")
     (case / "images" / INPUT_INTERFACE / "placeholder").unlink()
     grey = sitk.GetImageFromArray(np.zeros((5, 128, 3), np.uint8))  # scalar pixels, [N=5, H=128, W=3]
     sitk.WriteImage(grey, str(case / "images" / INPUT_INTERFACE / "grey.mha"))
@@ -189,54 +87,6 @@ def test_a_grey_mha_is_read_as_grey_pages_even_when_its_width_is_3(model_dir, tm
 def test_answer_is_readable_by_other_users(model_dir, tmp_path):
     answer_for(REPO / "test" / "input", model_dir, tmp_path)
     assert (tmp_path / ANSWER_FILENAME).stat().st_mode & 0o777 == 0o644
-
-
-def test_a_failed_run_leaves_no_earlier_answer_behind(model_dir, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / ANSWER_FILENAME).write_text("[]")
-    case = _case_with_file(tmp_path, "empty.tiff", b"")
-    result = run_cli(PROCESS, "--input", case, "--output", out, "--model", model_dir, check=False)
-    assert_clean_failure(result, out, "empty.tiff")
-
-
-def tiff_with_declared_size(path, width: int, height: int) -> None:
-    """A valid one-page 128 px TIFF whose header then claims width x height (LONG ImageWidth/ImageLength)."""
-    import struct
-
-    Image.new("RGB", (128, 128)).save(path, compression="raw")
-    data = bytearray(path.read_bytes())
-    assert data[:2] == b"II"
-    ifd = struct.unpack_from("<I", data, 4)[0]
-    for i in range(struct.unpack_from("<H", data, ifd)[0]):
-        entry = ifd + 2 + 12 * i
-        tag = struct.unpack_from("<H", data, entry)[0]
-        if tag in (256, 257):
-            struct.pack_into("<HHII", data, entry, tag, 4, 1, width if tag == 256 else height)
-    path.write_bytes(bytes(data))
-
-
-def test_decompression_bomb_is_refused_before_decoding(model_dir, tmp_path):
-    case = _case_with_file(tmp_path, "placeholder", b"")
-    tiff_with_declared_size(case / "images" / INPUT_INTERFACE / "bomb.tiff", 100_000, 100_000)
-    result = run_cli(PROCESS, "--input", case, "--output", tmp_path / "out", "--model", model_dir, check=False)
-    assert_clean_failure(result, tmp_path / "out", "bomb.tiff", "too large")
-
-
-@pytest.mark.parametrize("damage", ["not json", "missing key", "wrong threshold type"])
-def test_a_manifest_that_does_not_parse_fails_cleanly(model_dir, tmp_path, damage):
-    broken = shutil.copytree(model_dir, tmp_path / "model")
-    manifest = json.loads((broken / "manifest.json").read_text())
-    if damage == "missing key":
-        del manifest["graphs"]
-    elif damage == "wrong threshold type":
-        manifest["threshold"] = "half"
-    text = "{" if damage == "not json" else json.dumps(manifest)
-    (broken / "manifest.json").write_text(text)
-    result = run_cli(
-        PROCESS, "--input", REPO / "test" / "input", "--output", tmp_path / "out", "--model", broken, check=False
-    )
-    assert_clean_failure(result, tmp_path / "out", "manifest")
 
 
 def test_the_model_folder_in_use_is_logged(model_dir, tmp_path):
@@ -267,20 +117,6 @@ def test_pages_of_any_mode_become_rgb(model_dir, pages, tmp_path, mode):
     converted[0].save(image_dir / "stack.tif", save_all=True, append_images=converted[1:])
     answer, _ = answer_for(tmp_path / "in", model_dir, tmp_path / "out")
     validate_answer(answer, n_pages=3)
-
-
-def test_a_damaged_compressed_tiff_fails_in_one_line_quoting_the_codec(model_dir, tmp_path):
-    import io
-
-    buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(
-        buffer, format="TIFF", compression="tiff_adobe_deflate"
-    )
-    data = bytearray(buffer.getvalue())
-    data[200:260] = bytes(b ^ 0x55 for b in data[200:260])  # inside the deflate stream
-    case = _case_with_file(tmp_path, "damaged.tiff", bytes(data))
-    result = run_cli(PROCESS, "--input", case, "--output", tmp_path / "out", "--model", model_dir, check=False)
-    assert_clean_failure(result, tmp_path / "out", "damaged.tiff", "unreadable", "DeflateError")
 
 
 def framed_pages() -> np.ndarray:
@@ -341,61 +177,6 @@ def test_the_organizers_sample_stack_records_its_pixel_size():
     case = reader.read_stack(process.find_stack(shared_path("gc-sample", "input")))
     assert len(case.pixel_sizes_um) == 16
     assert all(um == pytest.approx(0.2487, abs=1e-3) for um in case.pixel_sizes_um)  # a 40x scan's
-
-
-def test_each_class_of_failure_has_its_exit_code(model_dir, tmp_path):
-    """process.py's docstring: 2 input, 3 output folder, 4 model folder (5, the device: above, when no GPU)."""
-    sample = REPO / "test" / "input"
-    bad_input = _case_with_file(tmp_path / "a", "notes.tif", b"not an image")
-    tampered = shutil.copytree(model_dir, tmp_path / "model")
-    (tampered / "manifest.json").write_text("{")
-    blocker = tmp_path / "a-file"
-    blocker.write_text("")
-    for args, code in [
-        ((bad_input, tmp_path / "o1", model_dir), 2),
-        ((sample, blocker / "out", model_dir), 3),  # the output folder would be inside a file
-        ((sample, tmp_path / "o3", tampered), 4),
-    ]:
-        result = run_cli(
-            PROCESS, "--input", args[0], "--output", args[1], "--model", args[2], "--device", "cpu", check=False
-        )
-        assert result.returncode == code, (code, result.stderr)
-        assert len([line for line in result.stderr.splitlines() if line.startswith("ERROR")]) == 1
-
-
-def test_an_unwritable_output_folder_fails_before_the_model_loads(tmp_path):
-    blocker = tmp_path / "a-file"
-    blocker.write_text("")
-    result = run_cli(
-        PROCESS,
-        "--input",
-        REPO / "test" / "input",
-        "--output",
-        blocker / "out",
-        "--model",
-        tmp_path / "no-model",
-        "--device",
-        "cpu",
-        check=False,
-    )
-    assert result.returncode == 3 and "output folder not writable" in result.stderr, result.stderr
-    assert "no manifest" not in result.stderr and "read " not in result.stderr  # neither the model nor the stack
-
-
-def test_an_unreadable_input_folder_exits_as_bad_input(model_dir, tmp_path, monkeypatch, caplog):
-    case = _case_with_file(tmp_path, "stack.tiff", b"")
-    folder = case / "images" / INPUT_INTERFACE
-    real_iterdir = type(folder).iterdir
-
-    def denied(self):
-        if self == folder:
-            raise PermissionError(13, "Permission denied", str(self))
-        return real_iterdir(self)
-
-    monkeypatch.setattr(type(folder), "iterdir", denied)  # as root, chmod 000 would not stop the read
-    code = process.main(["--input", str(case), "--output", str(tmp_path / "out"), "--model", str(model_dir)])
-    assert code == 2
-    assert "unreadable folder (PermissionError: Permission denied)" in caplog.text
 
 
 def test_a_page_gets_the_same_answer_alone_and_inside_its_stack(model_dir, pages, tmp_path):

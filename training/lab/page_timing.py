@@ -1,6 +1,6 @@
 """A stack as one batch against its pages one at a time, side by side in one process, through process.py's session.
 
-``python -m training.page_timing MODEL_DIR [--input CASE_DIR] [--device cpu|cuda] [--repeats N]`` prints JSON:
+``python -m training.lab.page_timing MODEL_DIR [--input CASE_DIR] [--device cpu|cuda] [--repeats N]`` prints JSON:
 the median seconds of each way (interleaved repeats, after one warm-up of each), their ratio, and the largest
 |P(atypical)| difference between a page in the batch and the same page alone. process.py serves pages one at a
 time (``OnnxEnsemble.predict``); the batch is timed by calling the same session with the whole stack.
@@ -18,7 +18,7 @@ import numpy as np
 
 from process import OnnxEnsemble, find_stack, read_stack
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def compare(model_dir: Path, input_dir: Path, device: str = "cpu", repeats: int = 20) -> dict:

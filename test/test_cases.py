@@ -17,6 +17,7 @@ from conftest import run_cli, shared_path
 from PIL import Image
 
 from contracts import ANSWER_FILENAME, INPUT_INTERFACE
+from training.data import normalize_scanner
 from training.lab.cases import build_stacks, docker_command, run_and_score, run_image
 from training.synthetic import synthetic_figures, write_case
 
@@ -56,7 +57,7 @@ def test_stacks_from_the_real_breast_subset(tmp_path):
         assert entry["labels"] == [
             {"AMF": "atypical", "NMF": "normal"}[csv_rows[r["image_id"]]["majority"]] for r in rows
         ]
-        scanners = [csv_rows[r["image_id"]]["Scanner"].replace("Hammamatsu", "Hamamatsu") for r in rows]
+        scanners = [normalize_scanner(csv_rows[r["image_id"]]["Scanner"]) for r in rows]  # the CSV's 'Hamammatsu XR'
         assert [domains[str(d)] for d in entry["tumordomains"]] == scanners
         inputs = json.loads((cases / stem / "inputs.json").read_text())
         assert inputs[0]["image"]["name"] == entry["image"]

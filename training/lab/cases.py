@@ -5,6 +5,7 @@ platform runs an algorithm (``score --image``), and the scored report of a folde
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import logging
 import os
@@ -197,8 +198,9 @@ def build_stacks(
 
     Figures are shuffled with ``seed``, then grouped by their scanner's pixel size (``SCANNER_PIXEL_SIZE_UM``;
     unknown ones form a group of their own) so that each TIFF records one true resolution, as the organizers'
-    sample stack does; each group is cut into stacks of ``stack_size`` in shuffled order, its last stack shorter.
-    ``n_stacks`` keeps the first that many. Returns ``{"stacks", "figures"}``.
+    sample stack does; each group is cut into stacks of ``stack_size`` in shuffled order, its last stack shorter,
+    and the stacks are taken from the groups in turn. ``n_stacks`` keeps the first that many. Returns
+    ``{"stacks", "figures"}``.
     """
     from training.data import decode_figures, read_datasets, scanner_pixel_sizes
     from training.synthetic import write_case
@@ -215,7 +217,9 @@ def build_stacks(
     groups: dict[float | None, list[int]] = {}
     for i in order:
         groups.setdefault(sizes[i], []).append(int(i))
-    stacks = [g[k : k + stack_size] for g in groups.values() for k in range(0, len(g), stack_size)]
+    per_group = [[g[k : k + stack_size] for k in range(0, len(g), stack_size)] for g in groups.values()]
+    # taken in turn from each group, so that the first n_stacks hold every pixel size (every scanner kind)
+    stacks = [s for turn in itertools.zip_longest(*per_group) for s in turn if s is not None]
     stacks = stacks[:n_stacks] if n_stacks is not None else stacks
     chosen = [i for s in stacks for i in s]
     pixels = dict(zip(chosen, decode_figures([figures[i] for i in chosen]), strict=True))

@@ -132,19 +132,12 @@ def test_predict_scores_a_dataset_through_the_serving_path(demo_run, tmp_path):
 
     from contracts import ModelManifest
 
+    def predict(out, *extra):
+        command = ["-m", "training", "predict", demo_run["model"], "--data-root", demo_run["data"], "--output", out]
+        run_cli(*command, "--device", "cpu", *extra)
+
     out = tmp_path / "preds.csv"
-    run_cli(
-        "-m",
-        "training",
-        "predict",
-        demo_run["model"],
-        "--data-root",
-        demo_run["data"],
-        "--output",
-        out,
-        "--device",
-        "cpu",
-    )
+    predict(out)
     rows = out.read_text().splitlines()
     assert rows[0] == "image_id,label,prob_atypical,pred,domain" and len(rows) == 601
     threshold = ModelManifest.load(demo_run["model"]).threshold
@@ -155,20 +148,7 @@ def test_predict_scores_a_dataset_through_the_serving_path(demo_run, tmp_path):
     assert "bootstrap interval" in report.stdout
     # the CPU serves int8; --precision scores the fp32 reference instead, and the two stay within int8's guard
     fp32 = tmp_path / "preds-fp32.csv"
-    run_cli(
-        "-m",
-        "training",
-        "predict",
-        demo_run["model"],
-        "--data-root",
-        demo_run["data"],
-        "--output",
-        fp32,
-        "--device",
-        "cpu",
-        "--precision",
-        "fp32",
-    )
+    predict(fp32, "--precision", "fp32")
     p8, p32 = (np.array([float(r.split(",")[2]) for r in f.read_text().splitlines()[1:]]) for f in (out, fp32))
     assert 0 < np.abs(p8 - p32).max() <= 0.02
 

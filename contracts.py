@@ -187,6 +187,8 @@ class ModelManifest(BaseModel):
             return cls.model_validate_json(path.read_text())
         except FileNotFoundError:
             raise ContractError(f"{path}: no manifest (export a model first)") from None
+        except OSError as err:
+            raise ContractError(f"{path}: cannot read the manifest ({err.strerror})") from None
         except ValidationError as err:
             first = err.errors()[0]
             where = ".".join(str(x) for x in first["loc"])

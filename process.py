@@ -157,7 +157,10 @@ class OnnxEnsemble:
                 raise ContractError(f"{model_dir}: no {precision} graph (has {', '.join(self.manifest.graphs)})")
             served, graph = precision, self.manifest.graphs[precision]
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-        return served, ort.InferenceSession(str(model_dir / graph), providers=providers)
+        try:
+            return served, ort.InferenceSession(str(model_dir / graph), providers=providers)
+        except Exception as err:  # ONNX Runtime's own error types; the file is the model folder's problem
+            raise ContractError(f"{model_dir / graph}: ONNX Runtime cannot open it ({err})") from None
 
     def at_model_pixel_size(self, pages: list[np.ndarray], pixel_sizes_um: Sequence[float | None]) -> list[np.ndarray]:
         """Each page with a known pixel size resampled to the one the model was trained at (when it records one)."""
@@ -272,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--debug", action="store_true", help="full tracebacks and onnxruntime's own log")
     args = parser.parse_args(argv)
+    if args.device not in DEVICES:  # argparse checks choices on the command line, not on a default
+        parser.error(f"{DEVICE_ENV}={args.device!r}: expected one of {', '.join(DEVICES)}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     try:
         run(args.input, args.output, resolve_model_dir(args.model), args.device, quiet=not args.debug)

@@ -49,7 +49,7 @@ def test_stacks_from_the_real_breast_subset(tmp_path):
         pages = list(csv.DictReader(f))
     assert [e["image"] for e in truth] == [f"stack_{k}.tiff" for k in (1, 2, 3, 4)]
     assert all(len(e["labels"]) == 16 for e in truth)
-    used = []
+    used, resolutions = [], set()
     for entry in truth:
         stem = entry["image"].removesuffix(".tiff")
         rows = [p for p in pages if p["stack"] == stem]
@@ -66,12 +66,14 @@ def test_stacks_from_the_real_breast_subset(tmp_path):
             # one resolution per stack: the pixel size of its figures' scanners (0.25 Aperio, 0.23 Hamamatsu)
             um = 25_400 / float(tiff.tag_v2[282])
             assert um == pytest.approx(0.25 if scanners[0] == "Aperio CS2" else 0.23, abs=1e-6)
+            resolutions.add(round(um, 2))
             assert {s == "Aperio CS2" for s in scanners} == {scanners[0] == "Aperio CS2"}
             for page, row in enumerate(rows):
                 tiff.seek(page)
                 png = np.asarray(Image.open(data / "images" / row["image_id"]).convert("RGB"))
                 np.testing.assert_array_equal(np.asarray(tiff.convert("RGB")), png)
     assert len(set(used)) == 64
+    assert resolutions == {0.23, 0.25}  # the first stacks come from every pixel-size group in turn
     assert used != sorted(used, key=lambda s: int(s.split(".")[0]))  # shuffled, not in CSV order
 
 

@@ -4,6 +4,7 @@ bf16 autocast where the device runs it natively."""
 import pytest
 import torch
 from conftest import DEMO_CONFIG
+from pydantic import ValidationError
 
 import training.train as train_module
 from training.config import load_config, save_config
@@ -63,3 +64,15 @@ def test_cpu_bf16_autocasts_only_where_the_cpu_runs_bf16_natively(monkeypatch, n
 def test_native_bf16_is_what_torch_reports():
     reported = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
     assert train_module.native_cpu_bf16() == reported
+
+
+def test_a_run_folder_saved_before_the_options_were_removed_still_loads(tmp_path):
+    """Its config.yaml holds every removed option at its off value and the two standardization booleans."""
+    from training.config import REMOVED_OPTIONS_OFF, TrainConfig
+
+    old = {"backbone": "efficientnetv2-b0-scratch", **REMOVED_OPTIONS_OFF, "standardize_input": True}
+    assert TrainConfig(**old, standardize_detail=True).standardize == "channels+detail"
+    assert TrainConfig(**old, standardize_detail=False).standardize == "channels"
+    assert TrainConfig(**{**old, "standardize_input": False}).standardize == "none"
+    with pytest.raises(ValidationError, match="tone_jitter: removed options"):
+        TrainConfig(**{**old, "tone_jitter": 0.2})

@@ -6,7 +6,7 @@ import ast
 import pytest
 from conftest import REPO
 
-CONTAINER_MODULES = ["contracts.py", "process.py", "inference.py"]
+CONTAINER_MODULES = ["contracts.py", "reader.py", "process.py", "inference.py"]
 
 
 @pytest.mark.parametrize("name", CONTAINER_MODULES)

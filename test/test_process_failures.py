@@ -2,7 +2,10 @@
 exit code, and no answer file."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import onnxruntime as ort
@@ -12,7 +15,7 @@ from conftest import PROCESS, REPO, assert_clean_failure, case_with_file, run_cl
 from PIL import Image
 
 import process
-from contracts import ANSWER_FILENAME, INPUT_INTERFACE
+from contracts import ANSWER_FILENAME, INPUT_INTERFACE, sha256_of
 from training.synthetic import write_case
 
 
@@ -190,3 +193,36 @@ def test_an_unreadable_input_folder_exits_as_bad_input(model_dir, tmp_path, monk
     code = process.main(["--input", str(case), "--output", str(tmp_path / "out"), "--model", str(model_dir)])
     assert code == 2
     assert "unreadable folder (PermissionError: Permission denied)" in caplog.text
+
+
+def test_a_device_from_the_environment_is_checked_like_the_option(model_dir, tmp_path):
+    env = {**os.environ, "MIDOG_DEVICE": "gpu"}
+    command = [sys.executable, PROCESS, "--input", REPO / "test" / "input", "--output", tmp_path / "out"]
+    result = subprocess.run([*command, "--model", model_dir], capture_output=True, text=True, env=env)
+    assert result.returncode == 2 and "MIDOG_DEVICE='gpu': expected one of auto, cuda, cpu" in result.stderr
+    assert not (tmp_path / "out" / ANSWER_FILENAME).exists()
+
+
+def test_a_graph_onnx_runtime_cannot_open_is_the_model_folders_failure(model_dir, tmp_path):
+    """Its sha256 matches the manifest (the file was exported broken), so only ONNX Runtime can tell: exit 4."""
+    broken = tmp_path / "model"
+    shutil.copytree(model_dir, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    graph = manifest["graphs"][manifest["serve"]["cpu"]]
+    (broken / graph).write_bytes(b"not an onnx graph")
+    manifest["files"][graph] = sha256_of(broken / graph)
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    result = run_cli(
+        PROCESS,
+        "--input",
+        REPO / "test" / "input",
+        "--output",
+        tmp_path / "out",
+        "--model",
+        broken,
+        "--device",
+        "cpu",
+        check=False,
+    )
+    assert result.returncode == 4
+    assert_clean_failure(result, tmp_path / "out", graph, "ONNX Runtime cannot open it")

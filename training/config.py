@@ -31,6 +31,18 @@ class LoraSettings(_Strict):
     target_modules: str = ATTENTION_TARGETS
 
 
+# removed options (docs/results.md, "Options measured and not adopted") at their off value, as older run folders
+# saved them
+REMOVED_OPTIONS_OFF = {
+    "mixstyle": 0.0,
+    "tone_jitter": 0.0,
+    "scanner_alignment": 0.0,
+    "detail_ceiling": False,
+    "standardize_mid_band": False,
+    "blur": 0.0,
+}
+
+
 class TrainConfig(_Strict):
     name: str = "virchow-lora"
     backbone: str = "virchow"
@@ -108,6 +120,23 @@ class TrainConfig(_Strict):
     threshold: Literal["pooled", "domain-balanced"] = Field(
         "pooled", description="maximize BA over pooled out-of-fold figures, or its mean over scanner domains"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_older_run_folders(cls, raw: Any) -> Any:
+        """A config.yaml saved before the options were removed still loads: a removed option at its off value is
+        dropped (any other value is refused), and ``standardize_input`` / ``standardize_detail`` become
+        ``standardize``."""
+        if not isinstance(raw, dict):
+            return raw
+        raw = dict(raw)
+        on = [key for key, off in REMOVED_OPTIONS_OFF.items() if key in raw and raw.pop(key) != off]
+        if on:
+            raise ValueError(f"{', '.join(on)}: removed options (docs/results.md); a run with them needs its commit")
+        channels, detail = raw.pop("standardize_input", None), raw.pop("standardize_detail", None)
+        if channels or detail:
+            raw.setdefault("standardize", "channels+detail" if detail else "channels")
+        return raw
 
     @model_validator(mode="before")
     @classmethod

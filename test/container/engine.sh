@@ -29,7 +29,7 @@ fi
 
 if ! docker image inspect "$TEST_BASE_IMAGE" >/dev/null 2>&1; then
     # the machine's own Debian mirror, the one apt-get uses
-    mirror=$(sed -n 's/^URIs: *\(\S*\/debian\)$/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n 1)
+    mirror=$(sed -n 's/^URIs: *\(\S*\/debian\)$/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n 1 || true)
     mirror=${mirror:-http://deb.debian.org/debian}
     root=$(mktemp -d)
     trap 'rm -rf "$root"' EXIT

@@ -1,5 +1,5 @@
 """Ours against the peer approach on one stack (``python -m training bench``): merged folds in one ONNX graph,
-the stack as one batch, int8 on the CPU / fp16 on CUDA, against PyTorch eager with a PeftModel per fold, one image
+the pages one at a time, int8 on the CPU / fp16 on CUDA, against PyTorch eager with a PeftModel per fold, one image
 at a time, fp32, from the same random weights; and the helpers ``bench-train`` shares."""
 
 from __future__ import annotations

@@ -70,6 +70,7 @@ def session_seconds(model_dir: Path, device: str = "cpu", repeats: int = 5) -> d
 
 def cold_start(model_dir: Path, case_dir: Path = SAMPLE_CASE, device: str = "cpu", repeats: int = 5) -> dict:
     """Median seconds from process start to the answer written, and of its parts, over ``repeats`` runs each."""
+    model_dir, case_dir = model_dir.resolve(), case_dir.resolve()  # the parts run from the repository root
     totals, parts = [], []
     with tempfile.TemporaryDirectory() as out:
         for _ in range(repeats):

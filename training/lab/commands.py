@@ -186,7 +186,7 @@ def _add_experiment_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.set_defaults(func=_cold_start)
 
-    p = sub.add_parser("bench", help="one stack: ours (merged, one ONNX graph, batched) against the peer approach")
+    p = sub.add_parser("bench", help="one stack: ours (merged, one ONNX graph, as process.py serves) against the peer")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument(
         "--backbone",

@@ -19,6 +19,13 @@ from contracts import ANSWER_FILENAME, INPUT_INTERFACE, sha256_of
 from training.synthetic import write_case
 
 
+def run_on_the_sample(out_dir, model_dir, *options) -> subprocess.CompletedProcess:
+    """process.py on the committed sample case, whatever its exit code."""
+    return run_cli(
+        PROCESS, "--input", REPO / "test" / "input", "--output", out_dir, "--model", model_dir, *options, check=False
+    )
+
+
 @pytest.mark.parametrize(
     ("name", "content", "words"),
     [
@@ -63,18 +70,7 @@ def test_tampered_model_fails_cleanly(model_dir, tmp_path):
     reason="a GPU is present: the CUDA provider would load",
 )
 def test_device_cuda_never_falls_back_to_cpu_silently(model_dir, tmp_path):
-    result = run_cli(
-        PROCESS,
-        "--input",
-        REPO / "test" / "input",
-        "--output",
-        tmp_path / "out",
-        "--model",
-        model_dir,
-        "--device",
-        "cuda",
-        check=False,
-    )
+    result = run_on_the_sample(tmp_path / "out", model_dir, "--device", "cuda")
     assert_clean_failure(result, tmp_path / "out", "device cuda")
 
 
@@ -212,17 +208,6 @@ def test_a_graph_onnx_runtime_cannot_open_is_the_model_folders_failure(model_dir
     (broken / graph).write_bytes(b"not an onnx graph")
     manifest["files"][graph] = sha256_of(broken / graph)
     (broken / "manifest.json").write_text(json.dumps(manifest))
-    result = run_cli(
-        PROCESS,
-        "--input",
-        REPO / "test" / "input",
-        "--output",
-        tmp_path / "out",
-        "--model",
-        broken,
-        "--device",
-        "cpu",
-        check=False,
-    )
+    result = run_on_the_sample(tmp_path / "out", broken, "--device", "cpu")
     assert result.returncode == 4
     assert_clean_failure(result, tmp_path / "out", graph, "ONNX Runtime cannot open it")

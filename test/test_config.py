@@ -1,10 +1,11 @@
 """Configs: every shipped one loads, a variant states only what it changes, the length is stated once, and
 bf16 autocast where the device runs it natively."""
 
+import json
+
 import pytest
 import torch
 from conftest import DEMO_CONFIG
-from pydantic import ValidationError
 
 import training.train as train_module
 from training.config import load_config, save_config
@@ -66,13 +67,19 @@ def test_native_bf16_is_what_torch_reports():
     assert train_module.native_cpu_bf16() == reported
 
 
-def test_a_run_folder_saved_before_the_options_were_removed_still_loads(tmp_path):
-    """Its config.yaml holds every removed option at its off value and the two standardization booleans."""
-    from training.config import REMOVED_OPTIONS_OFF, TrainConfig
+def test_a_run_folder_saved_with_a_removed_option_names_the_commit_that_trained_it(tmp_path):
+    """Its config.yaml no longer validates; the one-line refusal says which commit loads it (provenance.json)."""
+    from training.config import load_run_config
+    from training.run import RunFolder
 
-    old = {"backbone": "efficientnetv2-b0-scratch", **REMOVED_OPTIONS_OFF, "standardize_input": True}
-    assert TrainConfig(**old, standardize_detail=True).standardize == "channels+detail"
-    assert TrainConfig(**old, standardize_detail=False).standardize == "channels"
-    assert TrainConfig(**{**old, "standardize_input": False}).standardize == "none"
-    with pytest.raises(ValidationError, match="tone_jitter: removed options"):
-        TrainConfig(**{**old, "tone_jitter": 0.2})
+    run = RunFolder(tmp_path)
+    save_config(load_config(DEMO_CONFIG), run.config)
+    assert load_run_config(run) == load_config(DEMO_CONFIG)
+    run.config.write_text(run.config.read_text() + "tone_jitter: 0.0\n")
+    run.provenance.write_text(json.dumps({"data_roots": [], "git": "0fba536", "versions": {}}))
+    with pytest.raises(
+        ValueError,
+        match=r"'tone_jitter': Extra inputs are not permitted; the run was trained at "
+        r"commit 0fba536 \(provenance.json\)",
+    ):
+        load_run_config(run)

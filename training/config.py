@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from training.backbones import Pooling, backbone_spec
 from training.data import normalize_scanner
 from training.preprocess import Standardize
+from training.run import RunFolder
 
 # peft matches this against full module names: only the attention projections of the transformer blocks.
 # A bare "proj" would also catch patch_embed.proj, the patch-embedding convolution.
@@ -29,18 +30,6 @@ class LoraSettings(_Strict):
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.1, ge=0, lt=1)
     target_modules: str = ATTENTION_TARGETS
-
-
-# removed options (docs/results.md, "Options measured and not adopted") at their off value, as older run folders
-# saved them
-REMOVED_OPTIONS_OFF = {
-    "mixstyle": 0.0,
-    "tone_jitter": 0.0,
-    "scanner_alignment": 0.0,
-    "detail_ceiling": False,
-    "standardize_mid_band": False,
-    "blur": 0.0,
-}
 
 
 class TrainConfig(_Strict):
@@ -120,23 +109,6 @@ class TrainConfig(_Strict):
     threshold: Literal["pooled", "domain-balanced"] = Field(
         "pooled", description="maximize BA over pooled out-of-fold figures, or its mean over scanner domains"
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _read_older_run_folders(cls, raw: Any) -> Any:
-        """A config.yaml saved before the options were removed still loads: a removed option at its off value is
-        dropped (any other value is refused), and ``standardize_input`` / ``standardize_detail`` become
-        ``standardize``."""
-        if not isinstance(raw, dict):
-            return raw
-        raw = dict(raw)
-        on = [key for key, off in REMOVED_OPTIONS_OFF.items() if key in raw and raw.pop(key) != off]
-        if on:
-            raise ValueError(f"{', '.join(on)}: removed options (docs/results.md); a run with them needs its commit")
-        channels, detail = raw.pop("standardize_input", None), raw.pop("standardize_detail", None)
-        if channels or detail:
-            raw.setdefault("standardize", "channels+detail" if detail else "channels")
-        return raw
 
     @model_validator(mode="before")
     @classmethod
@@ -220,6 +192,16 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 def load_config(path: Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     return validated(TrainConfig, layered(_read_with_bases(path), overrides or {}), path)
+
+
+def load_run_config(run: RunFolder) -> TrainConfig:
+    """A run folder's resolved config. One saved by code whose options have changed since (removed options:
+    docs/results.md) is refused in one line that names the commit that trained it, which loads it."""
+    try:
+        return load_config(run.config)
+    except ValueError as err:
+        commit = run.commit() or "unknown"
+        raise ValueError(f"{err}; the run was trained at commit {commit} (provenance.json)") from None
 
 
 def validated(model: type[Validated], raw: Any, path: Path) -> Validated:

@@ -37,7 +37,7 @@ from contracts import (
     sha256_of,
 )
 from training.adapt import load_fold_model
-from training.config import load_config
+from training.config import load_run_config
 from training.data import decode_figures, read_datasets
 from training.model import Classifier, Ensemble, preprocess_for
 from training.precision import REDUCED_PRECISIONS, ReducedPrecision, add_reduced_precisions
@@ -77,7 +77,7 @@ def spread_sample(pixels: np.ndarray, n: int = 16) -> np.ndarray:
 def fold_model(run_dir: Path, fold: int, pixels: np.ndarray) -> Classifier:
     """One fold's best model as a plain Classifier; LoRA adapters are merged, checked on ``pixels``."""
     run = RunFolder(run_dir)
-    cfg = load_config(run.config)
+    cfg = load_run_config(run)
     trained = load_fold_model(cfg, run.fold(fold).path)
     if cfg.mode != "lora":
         return trained
@@ -193,7 +193,7 @@ def export_run(run_dir: Path, output_dir: Path, folds: list[int] | None = None) 
     """Every fold of the run (or only ``folds``: one leave-one-scanner-out fold, say, to serve it on the scanner it
     never saw), at the threshold chosen on the run's pooled out-of-fold predictions."""
     run = RunFolder(run_dir)
-    cfg = load_config(run.config)
+    cfg = load_run_config(run)
     if unfinished := run.unfinished_folds(cfg.folds):
         raise ValueError(f"{run_dir}: fold(s) {unfinished} have not finished training")
     chosen = list(range(cfg.folds)) if folds is None else sorted(set(folds))

@@ -118,6 +118,10 @@ class RunFolder:
     def data_roots(self) -> list[Path]:
         return [Path(r) for r in json.loads(self.provenance.read_text())["data_roots"]]
 
+    def commit(self) -> str | None:
+        """The git commit that trained the run (``-dirty`` with uncommitted changes), as provenance.json records it."""
+        return json.loads(self.provenance.read_text()).get("git") if self.provenance.is_file() else None
+
 
 def library_versions() -> dict[str, str]:
     import peft

@@ -32,7 +32,7 @@ from training.adapt import (
     set_train_mode,
 )
 from training.augment import augment_batch, mixup
-from training.config import TrainConfig, load_config, save_config
+from training.config import TrainConfig, load_run_config, save_config
 from training.data import at_pixel_size, decode_figures, on_scanners, read_datasets
 from training.metrics import pool_out_of_fold, summarize, write_rows
 from training.model import classifier_for, embed_all, network_input, predict_probs, preprocess_for
@@ -282,7 +282,7 @@ def train_run(
     outside the run's.
     """
     workers, run = join_workers(), RunFolder(run_dir)
-    if run.config.is_file() and (saved := load_config(run.config)) != cfg:
+    if run.config.is_file() and (saved := load_run_config(run)) != cfg:
         before = saved.model_dump()
         differ = ", ".join(k for k, v in cfg.model_dump().items() if before[k] != v)
         raise ValueError(

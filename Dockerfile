@@ -28,7 +28,8 @@ COPY requirements.txt /opt/app/
 RUN pip install --requirement /opt/app/requirements.txt
 
 COPY contracts.py reader.py process.py inference.py /opt/app/
-COPY model/ /opt/app/model/
+# upload/: the graph a GPU serves and its manifest, nothing else (test.sh and export.sh write it from model/)
+COPY upload/ /opt/app/model/
 
 USER user
 # the device the entry point demands: a GPU platform must not answer from a silent CPU fallback

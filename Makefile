@@ -32,4 +32,4 @@ test: lint
 	$(PY) -m pytest
 
 clean:
-	rm -rf $(DEMO) model/*.onnx model/*.onnx.data model/manifest.json
+	rm -rf $(DEMO) upload model/*.onnx model/*.onnx.data model/manifest.json

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 INPUT_INTERFACE = "stacked-histopathology-roi-cropouts"
 ANSWER_FILENAME = "multiple-mitotic-figure-classification.json"
 MANIFEST_FILENAME = "manifest.json"
-MANIFEST_FORMAT_VERSION = 2  # 2: one graph per precision, chosen per device
+MANIFEST_FORMAT_VERSION = 3  # 3: each graph names its external-data files; a folder may hold only what it serves
 ONNX_INPUT = "pixels"  # uint8 [N, H, W, 3], RGB, any H and W: the graph resizes and normalizes
 ONNX_OUTPUT = "prob_atypical"  # float32 [N], mean over folds of sigmoid(logit)
 MAX_PAGES = 16  # the challenge stacks 1..16 figures per case
@@ -136,16 +136,32 @@ class ParityCheck(BaseModel):
     accepted: bool
 
 
+class GraphFiles(BaseModel):
+    """One ONNX graph of a model folder: its protobuf and the external-data files holding its weights."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    file: str = Field(description="the ONNX protobuf, relative to the model folder")
+    external_data: list[str] = Field([], description="the files its tensors' external-data locations name")
+
+    @property
+    def names(self) -> list[str]:
+        return [self.file, *self.external_data]
+
+
 class ModelManifest(BaseModel):
     """``model/manifest.json``: what the exported ensemble is, how to call it, and where it came from.
 
-    ``graphs`` names one ONNX file per precision (fp32 always, the reference); ``serve`` says which one each
-    device runs; ``parity`` records every reduced-precision graph's check against fp32, refused ones included.
+    ``graphs`` names one ONNX graph per precision held in the folder: an export holds fp32 (the reference) and
+    the reduced precisions that passed parity; an upload (``training upload``) holds only the graph one device
+    serves. ``serve`` says which graph each device runs; ``parity`` records every reduced-precision graph's check
+    against fp32, refused ones included. ``files`` lists exactly the folder's files besides the manifest, each
+    with its sha256; a run verifies only the files of the graph it loads (``verify_graph``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    format_version: Literal[2] = MANIFEST_FORMAT_VERSION
+    format_version: Literal[3] = MANIFEST_FORMAT_VERSION
     backbone: str
     folds: int = Field(ge=1)
     threshold: float = Field(ge=0.0, le=1.0)
@@ -155,7 +171,7 @@ class ModelManifest(BaseModel):
         description="the micrometres per pixel it was trained at: pages that record another "
         "resolution are resampled to it; None: every page is served as it is",
     )
-    graphs: dict[Precision, str] = Field(description="precision -> ONNX file name in the model folder")
+    graphs: dict[Precision, GraphFiles] = Field(min_length=1, description="precision -> the graph's files")
     serve: dict[Device, Precision] = {"cuda": "fp32", "cpu": "fp32"}
     parity: dict[Precision, ParityCheck] = {}
     input_name: Literal["pixels"] = ONNX_INPUT
@@ -166,18 +182,24 @@ class ModelManifest(BaseModel):
     created_utc: str
 
     @model_validator(mode="after")
-    def _served_graphs_exist(self) -> ModelManifest:
-        if "fp32" not in self.graphs:
-            raise ValueError("graphs must include fp32, the reference graph")
+    def _consistent(self) -> ModelManifest:
         for device, precision in self.serve.items():
             if precision not in self.graphs:
                 raise ValueError(f"serve.{device} is {precision}, which graphs does not name")
             if precision != "fp32" and not (precision in self.parity and self.parity[precision].accepted):
                 raise ValueError(f"serve.{device} is {precision}, which has no accepted parity check")
+        named = {name for graph in self.graphs.values() for name in graph.names}
+        if unlisted := sorted(named - set(self.files)):
+            raise ValueError(f"graph file(s) {unlisted} have no checksum in files")
+        if orphans := sorted(set(self.files) - named):
+            raise ValueError(f"files {orphans} belong to no graph")
         return self
 
-    def graph_for(self, device: Device) -> tuple[Precision, str]:
+    def graph_for(self, device: Device) -> tuple[Precision, GraphFiles]:
+        """The precision and files of the graph ``device`` serves."""
         precision = self.serve.get(device, "fp32")
+        if precision not in self.graphs:
+            raise ContractError(f"the model folder serves nothing on {device} (serve: {self.serve})")
         return precision, self.graphs[precision]
 
     @classmethod
@@ -194,14 +216,23 @@ class ModelManifest(BaseModel):
             where = ".".join(str(x) for x in first["loc"])
             raise ContractError(f"{path}: invalid manifest at '{where}': {first['msg']}") from None
 
+    def verify_graph(self, model_dir: Path, precision: Precision) -> None:
+        """The files of the ``precision`` graph exist with their recorded sha256: what a run checks before it
+        loads that graph, and nothing else (a Virchow-size folder holds gigabytes the run never reads)."""
+        self._verify(model_dir, self.graphs[precision].names)
+
     def verify_files(self, model_dir: Path) -> None:
-        """Every file the manifest names exists with the recorded sha256, and every graph is among them."""
-        for precision, name in self.graphs.items():
-            if name not in self.files:
-                raise ContractError(f"{model_dir / MANIFEST_FILENAME}: the {precision} graph {name!r} has no checksum")
-        for name, expected in self.files.items():
+        """Every file the manifest lists exists with its recorded sha256 (an export or upload checks its own)."""
+        self._verify(model_dir, list(self.files))
+
+    def _verify(self, model_dir: Path, names: list[str]) -> None:
+        for name in names:
             path = model_dir / name
             if not path.is_file():
                 raise ContractError(f"{path}: missing (named in the manifest)")
-            if sha256_of(path) != expected:
+            if sha256_of(path) != self.files[name]:
                 raise ContractError(f"{path}: sha256 does not match the manifest")
+
+    def size_bytes(self, model_dir: Path, precision: Precision) -> int:
+        """Bytes on disk of the ``precision`` graph: protobuf and external data."""
+        return sum((model_dir / name).stat().st_size for name in self.graphs[precision].names)

@@ -1,23 +1,27 @@
 #!/usr/bin/env bash
-# Package for Grand Challenge: the container image (docker save | gzip) and model/ as model.tar.gz for the
-# separate model upload (the platform extracts it to /opt/ml/model, which process.py prefers when present).
-# The tarball holds exactly manifest.json and the files it lists, as plain files owned by root, nothing else that
-# may lie in model/ (the platform refuses absolute symlinks and clears group/other write bits).
+# Package for Grand Challenge: the container image (docker save | gzip) and model.tar.gz for the separate model
+# upload (the platform extracts it to /opt/ml/model, which process.py prefers when present). Both hold upload/,
+# what a GPU serves: model/'s CUDA graph (fp16 when its parity passed, else fp32) and a manifest listing exactly
+# it, written by `python -m training upload` (PYTHON: an interpreter with the project's requirements). The tarball
+# holds manifest.json and the files it lists as plain files owned by root (the platform refuses absolute symlinks
+# and clears group/other write bits).
 #   BASE_IMAGE=name ./export.sh      build on another base than the Dockerfile's CUDA image
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 IMAGE=${IMAGE:-midog25-track2}
 IMAGE_ARCHIVE="${IMAGE//[\/:]/_}.tar.gz"
+PYTHON=${PYTHON:-python3}
 
 if [ ! -f model/manifest.json ]; then
     echo "export.sh: model/manifest.json missing: export a model first (python -m training export RUN --output model)" >&2
     exit 1
 fi
-mapfile -t model_files < <(python3 -c 'import json; print("\n".join(["manifest.json", *json.load(open("model/manifest.json"))["files"]]))')
+"$PYTHON" -m training upload model --output upload
+mapfile -t model_files < <(python3 -c 'import json; print("\n".join(["manifest.json", *json.load(open("upload/manifest.json"))["files"]]))')
 
 docker build ${BASE_IMAGE:+--build-arg "BASE_IMAGE=$BASE_IMAGE"} --tag "$IMAGE" .
 docker save "$IMAGE" | gzip -c > "$IMAGE_ARCHIVE"
-tar --create --gzip --file model.tar.gz --directory model --dereference --owner=0 --group=0 --numeric-owner \
+tar --create --gzip --file model.tar.gz --directory upload --dereference --owner=0 --group=0 --numeric-owner \
     --mode=go-w "${model_files[@]}"
 echo "wrote $IMAGE_ARCHIVE (container image) and model.tar.gz (model tarball: ${model_files[*]})"

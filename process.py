@@ -25,8 +25,9 @@ Contract (Grand Challenge algorithm, one case per run):
   pixels  when the model records the pixel size it was trained at, each page whose file records a resolution (TIFF
           XResolution/YResolution, .mha spacing in mm) is resampled to it; other pages are served as they are
   model   the Grand Challenge model tarball at /opt/ml/model when it holds a manifest, else the model/ folder
-          baked next to this file; a manifest.json (schema in contracts.py) names the ONNX ensemble, its
-          sha256 and the decision threshold chosen on out-of-fold predictions.
+          baked next to this file; a manifest.json (schema in contracts.py) names the ONNX ensemble's graphs
+          (the image holds only the one a GPU serves: ``training upload``), which one each device serves, the
+          sha256 of each file and the decision threshold chosen on out-of-fold predictions
   device  --device, else the MIDOG_DEVICE environment variable (the image sets cuda), else auto; cuda refuses to
           answer unless ONNX Runtime's CUDA provider is the active one
 Exit 0 with the answer written, or non-zero with one line on stderr and no output file, one code per class of
@@ -35,7 +36,8 @@ failure:
   2  the case's input: no or unreadable input folder, no stack or more than one, a file that is unreadable,
      damaged or refused by the reading policy
   3  the output folder: cannot be created or written (checked before the model loads)
-  4  the model folder: manifest missing or invalid, a file whose sha256 differs, a graph that answers no
+  4  the model folder: manifest missing or invalid, a file of the graph about to load missing or with another
+     sha256 than the manifest's (files of graphs the run does not load are not read), a graph that answers no
      probability
   5  the device: --device cuda without an active CUDA provider
 """
@@ -125,7 +127,6 @@ class OnnxEnsemble:
         import onnxruntime as ort
 
         self.manifest = ModelManifest.load(model_dir)
-        self.manifest.verify_files(model_dir)
         if quiet:  # a CUDA library that fails to load is checked below; ORT's own report of it is a wall of text
             ort.set_default_logger_severity(4)
         available = ort.get_available_providers()
@@ -148,7 +149,7 @@ class OnnxEnsemble:
     def _open(self, model_dir: Path, device: Device, precision: str | None) -> tuple[str, Any]:
         """The precision and a session of the graph the manifest serves on ``device`` (fp16 on CUDA, int8 on the
         CPU, when they passed parity with fp32 at export), or of the ``precision`` asked for (benchmarks and
-        predict compare graphs)."""
+        predict compare graphs). Only that graph's files are verified against the manifest, just before loading."""
         import onnxruntime as ort
 
         served, graph = self.manifest.graph_for(device)
@@ -156,11 +157,12 @@ class OnnxEnsemble:
             if precision not in self.manifest.graphs:
                 raise ContractError(f"{model_dir}: no {precision} graph (has {', '.join(self.manifest.graphs)})")
             served, graph = precision, self.manifest.graphs[precision]
+        self.manifest.verify_graph(model_dir, served)
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
         try:
-            return served, ort.InferenceSession(str(model_dir / graph), providers=providers)
+            return served, ort.InferenceSession(str(model_dir / graph.file), providers=providers)
         except Exception as err:  # ONNX Runtime's own error types; the file is the model folder's problem
-            raise ContractError(f"{model_dir / graph}: ONNX Runtime cannot open it ({err})") from None
+            raise ContractError(f"{model_dir / graph.file}: ONNX Runtime cannot open it ({err})") from None
 
     def at_model_pixel_size(self, pages: list[np.ndarray], pixel_sizes_um: Sequence[float | None]) -> list[np.ndarray]:
         """Each page with a known pixel size resampled to the one the model was trained at (when it records one)."""

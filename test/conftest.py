@@ -110,6 +110,7 @@ def red_mean_model(model_dir: Path, pixel_size_um: float | None = None) -> Path:
     from contracts import ModelManifest, sha256_of
     from training.export import export_onnx
     from training.model import Ensemble
+    from training.onnx_weights import graph_files
     from training.preprocess import Preprocess
 
     class RedMean(nn.Module):
@@ -120,13 +121,14 @@ def red_mean_model(model_dir: Path, pixel_size_um: float | None = None) -> Path:
     ensemble = Ensemble(Preprocess((128, 128), "bilinear", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), [RedMean(), RedMean()])
     model_dir.mkdir()
     export_onnx(ensemble.eval(), torch.zeros(2, 128, 128, 3, dtype=torch.uint8), model_dir / "ensemble.onnx")
-    files = {p.name: sha256_of(p) for p in model_dir.iterdir()}
+    graph = graph_files(model_dir / "ensemble.onnx")
+    files = {name: sha256_of(model_dir / name) for name in graph.names}
     manifest = ModelManifest(
         backbone="red-mean",
         folds=2,
         threshold=0.5,
         pixel_size_um=pixel_size_um,
-        graphs={"fp32": "ensemble.onnx"},
+        graphs={"fp32": graph},
         files=files,
         training_config={},
         oof_metrics={},

@@ -60,14 +60,17 @@ def engine() -> None:
 
 @pytest.fixture(scope="session")
 def checkout(engine, demo_run, tmp_path_factory) -> Path:
-    """A scratch checkout holding what the image and the scripts need, the demo model as model/, and
-    ``golden.json``: that model's answer on test/input from process.py on this machine."""
+    """A scratch checkout holding what the image and the scripts need (the training package writes the upload),
+    the demo model as model/, its upload as upload/ (what the scripts put in the image) and ``golden.json``: the
+    upload's answer on test/input from process.py on this machine."""
     root = tmp_path_factory.mktemp("image") / "repo"
     for name in [*IMAGE_FILES, *SCRIPTS]:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, root / name)
     shutil.copytree(REPO / "test" / "input", root / "test" / "input")
+    shutil.copytree(REPO / "training", root / "training", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(demo_run["model"], root / "model")
+    run_cli("-m", "training", "upload", root / "model", "--output", root / "upload")
     out = root.parent / "golden"
     run_cli(
         REPO / "process.py",
@@ -76,7 +79,7 @@ def checkout(engine, demo_run, tmp_path_factory) -> Path:
         "--output",
         out,
         "--model",
-        root / "model",
+        root / "upload",
         "--device",
         "cpu",
     )

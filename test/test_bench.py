@@ -51,6 +51,14 @@ def test_bench_times_peer_and_ours_on_the_same_weights(tmp_path):
     # the CPU's limit: ONNX Runtime's best rate on one large int8 matrix product, which a stack cannot beat
     assert result["peak_source"] == "measured int8 matmul ceiling"
     assert 0 < result["hardware_limit_s_per_stack"] < result["ours_s_per_stack"]
+    # the sizes: one fold's parameters, each graph's bytes, and the upload a GPU platform gets (fp16, its parity
+    # checked on this CPU), which stores the weights the folds share once
+    assert result["params_per_fold"] == 399_745  # 3 blocks of width 96, the patch embedding, the 192-wide head
+    assert set(result["model_bytes"]) == {"fp32", "fp16", "int8"} and result["upload_precision"] == "fp16"
+    assert result["parity"]["fp16"]["accepted"]
+    assert result["model_bytes"]["fp16"] < result["upload_bytes"] < result["model_bytes"]["fp16"] + 4096  # + manifest
+    assert result["upload_bytes"] <= 0.60 * 3 * result["params_per_fold"] * 2
+    assert result["upload_vs_three_fp16_folds"] == pytest.approx(result["upload_bytes"] / (6 * 399_745))
 
 
 def test_peer_folds_are_unmerged_lora_models_that_merging_changes():

@@ -39,15 +39,18 @@ def test_image_is_what_both_runners_expect(built):
     uid, *files = listing.split()
     assert uid != "0"
     assert {"inference.py", "process.py", "contracts.py", "manifest.json"} <= set(files)
+    baked = docker("run", "--rm", "--entrypoint", "ls", IMAGE, "/opt/app/model").stdout.split()
+    assert sorted(baked) == ["ensemble.fp16.onnx", "ensemble.fp16.onnx.data", "manifest.json"]  # the upload only
 
 
 def test_export_sh_writes_the_image_archive_and_the_model_tarball(checkout, exported):
     with gzip.open(exported["image"]) as archive, tarfile.open(fileobj=archive) as tar:
         assert "manifest.json" in tar.getnames()  # docker save's own index of the image
-    manifest = ModelManifest.load(checkout / "model")
+    manifest = ModelManifest.load(checkout / "upload")
     with tarfile.open(exported["model"]) as tar:
         members = tar.getmembers()
     assert {m.name for m in members} == {"manifest.json", *manifest.files}
+    assert list(manifest.graphs) == ["fp16"] and manifest.serve == {"cuda": "fp16", "cpu": "fp16"}
     assert all(m.isfile() and m.uid == 0 and m.gid == 0 and not m.mode & 0o022 for m in members)
 
 
@@ -181,7 +184,7 @@ def test_score_runs_the_image_once_per_real_stack_and_scores_as_the_leaderboard(
             "--output",
             tmp_path / "host" / name,
             "--model",
-            checkout / "model",
+            checkout / "upload",
             "--device",
             "cpu",
         )

@@ -44,7 +44,11 @@ def test_inference_py_is_process_main_and_nothing_else():
 def test_dockerignore_keeps_the_context_small():
     rules = (REPO / ".dockerignore").read_text().split()
     assert rules[rules.index("*")] == "*"
-    assert {"!requirements.txt", "!process.py", "!reader.py", "!contracts.py", "!inference.py", "!model/"} <= set(rules)
+    assert {"!requirements.txt", "!process.py", "!reader.py", "!contracts.py", "!inference.py", "!upload/"} <= set(
+        rules
+    )
+    assert not any(rule.startswith("!model") for rule in rules), "the image gets the upload, not every graph"
+    assert "COPY upload/ /opt/app/model/" in (REPO / "Dockerfile").read_text()
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

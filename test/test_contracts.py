@@ -91,14 +91,24 @@ def test_validate_answer_rejects_what_the_scorer_rejects(answer, message):
         validate_answer(answer, n_pages=2)
 
 
+def _graph(tmp_path, name, content=b"graph"):
+    (tmp_path / name).write_bytes(content)
+    (tmp_path / f"{name}.data").write_bytes(content + b" weights")
+    return {"file": name, "external_data": [f"{name}.data"]}
+
+
+def _checksums(tmp_path, graphs):
+    return {name: sha256_of(tmp_path / name) for g in graphs.values() for name in [g["file"], *g["external_data"]]}
+
+
 def _manifest(tmp_path, **overrides):
-    (tmp_path / "ensemble.onnx").write_bytes(b"graph")
+    graphs = overrides.pop("graphs", None) or {"fp32": _graph(tmp_path, "ensemble.onnx")}
     fields = {
         "backbone": "tiny-virchow",
         "folds": 3,
         "threshold": 0.4,
-        "graphs": {"fp32": "ensemble.onnx"},
-        "files": {"ensemble.onnx": sha256_of(tmp_path / "ensemble.onnx")},
+        "graphs": graphs,
+        "files": _checksums(tmp_path, graphs),
         "training_config": {},
         "oof_metrics": {"balanced_accuracy": 0.8},
         "created_utc": "2026-01-01T00:00:00+00:00",
@@ -112,49 +122,78 @@ def test_manifest_roundtrip_and_checksums(tmp_path):
     model_dir = _manifest(tmp_path)
     manifest = ModelManifest.load(model_dir)
     manifest.verify_files(model_dir)
+    manifest.verify_graph(model_dir, "fp32")
     assert manifest.threshold == 0.4 and manifest.input_name == "pixels" and manifest.output_name == "prob_atypical"
 
-    (model_dir / "ensemble.onnx").write_bytes(b"tampered")
-    with pytest.raises(ContractError, match="sha256"):
-        manifest.verify_files(model_dir)
-    (model_dir / "ensemble.onnx").unlink()
-    with pytest.raises(ContractError, match="missing"):
-        manifest.verify_files(model_dir)
+    for name in ("ensemble.onnx", "ensemble.onnx.data"):  # the graph and its external data are both checked
+        original = (model_dir / name).read_bytes()
+        (model_dir / name).write_bytes(b"tampered")
+        with pytest.raises(ContractError, match=f"{name}: sha256"):
+            manifest.verify_graph(model_dir, "fp32")
+        (model_dir / name).unlink()
+        with pytest.raises(ContractError, match=f"{name}: missing"):
+            manifest.verify_graph(model_dir, "fp32")
+        (model_dir / name).write_bytes(original)
 
 
 def test_manifest_rejects_unknown_keys_and_bad_versions(tmp_path):
     with pytest.raises(ContractError, match="surprise"):
         ModelManifest.load(_manifest(tmp_path, surprise=1))
     with pytest.raises(ContractError, match="format_version"):
-        ModelManifest.load(_manifest(tmp_path, format_version=1))
+        ModelManifest.load(_manifest(tmp_path, format_version=2))
     with pytest.raises(ContractError, match="no manifest"):
         ModelManifest.load(tmp_path / "nowhere")
 
 
+def test_manifest_lists_exactly_the_files_of_its_graphs(tmp_path):
+    graphs = {"fp32": _graph(tmp_path, "ensemble.onnx")}
+    files = _checksums(tmp_path, graphs)
+    with pytest.raises(ContractError, match=r"\['ensemble.onnx.data'\] have no checksum"):
+        ModelManifest.load(_manifest(tmp_path, graphs=graphs, files={"ensemble.onnx": files["ensemble.onnx"]}))
+    with pytest.raises(ContractError, match=r"files \['notes.txt'\] belong to no graph"):
+        ModelManifest.load(_manifest(tmp_path, graphs=graphs, files={**files, "notes.txt": "0" * 64}))
+
+
 def test_manifest_serves_only_graphs_that_passed_parity(tmp_path):
-    (tmp_path / "ensemble.fp16.onnx").write_bytes(b"half")
-    fp16 = {"graphs": {"fp32": "ensemble.onnx", "fp16": "ensemble.fp16.onnx"}, "serve": {"cuda": "fp16", "cpu": "fp32"}}
+    graphs = {"fp32": _graph(tmp_path, "ensemble.onnx"), "fp16": _graph(tmp_path, "ensemble.fp16.onnx", b"half")}
+    fp16 = {"graphs": graphs, "serve": {"cuda": "fp16", "cpu": "fp32"}}
     check = {"max_abs_dp": 2e-4, "class_agreement": 1.0, "patches": 64, "provider": "CPUExecutionProvider"}
     manifest = ModelManifest.load(_manifest(tmp_path, **fp16, parity={"fp16": {**check, "accepted": True}}))
-    assert manifest.graph_for("cuda") == ("fp16", "ensemble.fp16.onnx")
-    assert manifest.graph_for("cpu") == ("fp32", "ensemble.onnx")
-    with pytest.raises(ContractError, match=r"the fp16 graph 'ensemble\.fp16\.onnx' has no checksum"):
-        manifest.verify_files(tmp_path)
+    assert manifest.graph_for("cuda")[0] == "fp16" and manifest.graph_for("cuda")[1].file == "ensemble.fp16.onnx"
+    assert manifest.graph_for("cpu")[1].names == ["ensemble.onnx", "ensemble.onnx.data"]
     with pytest.raises(ContractError, match="no accepted parity check"):
         ModelManifest.load(_manifest(tmp_path, **fp16, parity={"fp16": {**check, "accepted": False}}))
     with pytest.raises(ContractError, match="no accepted parity check"):
         ModelManifest.load(_manifest(tmp_path, **fp16))
-    with pytest.raises(ContractError, match="graphs must include fp32"):
-        ModelManifest.load(_manifest(tmp_path, graphs={"fp16": "ensemble.fp16.onnx"}, serve={}))
+    with pytest.raises(ContractError, match=r"serve\.cuda is fp32, which graphs does not name"):  # default serve
+        ModelManifest.load(
+            _manifest(tmp_path, graphs={"fp16": graphs["fp16"]}, parity={"fp16": {**check, "accepted": True}})
+        )
+
+
+def test_a_run_verifies_only_the_graph_it_loads(tmp_path):
+    graphs = {"fp32": _graph(tmp_path, "ensemble.onnx"), "int8": _graph(tmp_path, "ensemble.int8.onnx", b"int8")}
+    check = {"max_abs_dp": 0.004, "class_agreement": 1.0, "patches": 128, "provider": "CPUExecutionProvider"}
+    serve = {"cuda": "fp32", "cpu": "int8"}
+    manifest = ModelManifest.load(
+        _manifest(tmp_path, graphs=graphs, serve=serve, parity={"int8": {**check, "accepted": True}})
+    )
+    (tmp_path / "ensemble.onnx.data").unlink()
+    manifest.verify_graph(tmp_path, "int8")
+    with pytest.raises(ContractError, match="missing"):
+        manifest.verify_files(tmp_path)
 
 
 def test_manifest_serves_int8_on_the_cpu_only_after_its_own_parity_check(tmp_path):
-    graphs = {"fp32": "ensemble.onnx", "fp16": "ensemble.fp16.onnx", "int8": "ensemble.int8.onnx"}
+    graphs = {
+        name: _graph(tmp_path, f"ensemble{suffix}.onnx", name.encode())
+        for name, suffix in (("fp32", ""), ("fp16", ".fp16"), ("int8", ".int8"))
+    }
     serve = {"cuda": "fp16", "cpu": "int8"}
     check = {"max_abs_dp": 0.004, "class_agreement": 0.992, "patches": 128, "provider": "CPUExecutionProvider"}
     passed = {"fp16": {**check, "accepted": True}, "int8": {**check, "accepted": True}}
     manifest = ModelManifest.load(_manifest(tmp_path, graphs=graphs, serve=serve, parity=passed))
-    assert manifest.graph_for("cpu") == ("int8", "ensemble.int8.onnx")
-    assert manifest.graph_for("cuda") == ("fp16", "ensemble.fp16.onnx")
+    assert manifest.graph_for("cpu")[1].file == "ensemble.int8.onnx"
+    assert manifest.graph_for("cuda")[1].file == "ensemble.fp16.onnx"
     with pytest.raises(ContractError, match=r"serve\.cpu is int8, which has no accepted parity check"):
         ModelManifest.load(_manifest(tmp_path, graphs=graphs, serve=serve, parity={"fp16": passed["fp16"]}))

@@ -39,11 +39,45 @@ def test_merged_folds_differ_from_the_base_and_each_other(demo_run, merged_folds
     assert not any("lora" in name for f in merged_folds for name, _ in f.named_parameters())
 
 
+def test_folds_built_on_one_base_share_its_unchanged_weights(demo_run, merged_folds, pixels):
+    """Export's path (the base built once) gives the very logits of folds built apart, holding the base once."""
+    cfg = load_config(demo_run["run"] / "config.yaml")
+    base = build_classifier(cfg.backbone, cfg.weights).eval()
+    shared = [fold_model(demo_run["run"], k, pixels, base) for k in range(cfg.folds)]
+    blocks = [fold.backbone.blocks[0] for fold in shared]
+    assert blocks[0].mlp.fc1.weight is blocks[1].mlp.fc1.weight is base.backbone.blocks[0].mlp.fc1.weight
+    assert blocks[0].attn.qkv.weight is not blocks[1].attn.qkv.weight
+    x = Preprocess.for_backbone(base.backbone)(torch.from_numpy(pixels))
+    with torch.no_grad():
+        for alone, together in zip(merged_folds, shared, strict=True):
+            assert torch.equal(alone(x), together(x))
+
+
 def test_onnx_matches_pytorch_on_real_looking_pages(demo_run, merged_folds, pixels):
+    """The exported graph, weights stored once, against the folds merged apart (no weight shared in PyTorch)."""
     ensemble = Ensemble(Preprocess.for_backbone(merged_folds[0].backbone), merged_folds).eval()
     odd_size = np.ascontiguousarray(pixels[:3, :100, :120])
     worst = compare_with_torch(ensemble, demo_run["model"] / "ensemble.onnx", [pixels, pixels[:1], odd_size])
     assert worst <= ONNX_ATOL
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_a_weight_the_folds_share_is_stored_once(demo_run, precision):
+    """LoRA changed the attention projections only: each block's MLP weights are one initializer that the three
+    folds read, each fold's qkv its own; no two initializers hold the same content."""
+    manifest = ModelManifest.load(demo_run["model"])
+    graph = onnx.load(str(demo_run["model"] / manifest.graphs[precision].file)).graph
+    contents = [(t.data_type, tuple(t.dims), onnx.numpy_helper.to_array(t).tobytes()) for t in graph.initializer]
+    assert len(set(contents)) == len(contents)
+    block = build_classifier("tiny-virchow").backbone.blocks[0]
+    blocks = len(build_classifier("tiny-virchow").backbone.blocks)
+
+    def stored(weight: torch.Tensor) -> int:
+        shapes = {tuple(weight.shape), tuple(weight.shape[::-1])}  # as in torch, or transposed for MatMul
+        return sum(tuple(t.dims) in shapes for t in graph.initializer)
+
+    assert stored(block.mlp.fc1.weight) == stored(block.mlp.fc2.weight) == blocks  # shared: once a block
+    assert stored(block.attn.qkv.weight) == 3 * blocks  # merged with each fold's adapter
 
 
 def test_graph_has_named_dynamic_io(demo_run):
@@ -160,16 +194,16 @@ def test_reduced_precisions_are_served_only_after_parity_with_fp32(demo_run, pix
     assert fp16.patches == int8.patches == 128 and int8.provider == "CPUExecutionProvider"
     assert fp16.class_agreement == 1.0 and 0 < fp16.max_abs_dp <= 1e-3
     assert int8.class_agreement >= 0.99 and 0 < int8.max_abs_dp <= 0.02
-    half = onnx.load(str(demo_run["model"] / manifest.graphs["fp16"]))
+    half = onnx.load(str(demo_run["model"] / manifest.graphs["fp16"].file))
     weights = [init.data_type for init in half.graph.initializer if len(init.dims) >= 2]
     assert weights and all(t == onnx.TensorProto.FLOAT16 for t in weights)
     assert half.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # the contract's float32
-    quantized = onnx.load(str(demo_run["model"] / manifest.graphs["int8"]))
+    quantized = onnx.load(str(demo_run["model"] / manifest.graphs["int8"].file))
     ops = {node.op_type for node in quantized.graph.node}
     assert "MatMulInteger" in ops and "DynamicQuantizeLinear" in ops
     assert all(init.data_type != onnx.TensorProto.FLOAT for init in quantized.graph.initializer if len(init.dims) == 2)
     runs = [
-        ort.InferenceSession(str(demo_run["model"] / manifest.graphs[p]), providers=["CPUExecutionProvider"])
+        ort.InferenceSession(str(demo_run["model"] / manifest.graphs[p].file), providers=["CPUExecutionProvider"])
         for p in ("fp32", "fp16", "int8")
     ]
     p32, p16, p8 = (s.run(None, {"pixels": pixels})[0] for s in runs)
@@ -185,7 +219,8 @@ def test_reduced_precisions_that_fail_parity_are_refused_and_recorded(demo_run, 
     exact = tuple(dataclasses.replace(r, max_dp=0.0) for r in export.REDUCED_PRECISIONS)  # none can be that exact
     monkeypatch.setattr(export, "REDUCED_PRECISIONS", exact)
     manifest = export.export_run(demo_run["run"], tmp_path / "model")
-    assert manifest.graphs == {"fp32": "ensemble.onnx"} and manifest.serve == {"cuda": "fp32", "cpu": "fp32"}
+    assert list(manifest.graphs) == ["fp32"] and manifest.serve == {"cuda": "fp32", "cpu": "fp32"}
+    assert manifest.graphs["fp32"].names == ["ensemble.onnx", "ensemble.onnx.data"]
     for precision in ("fp16", "int8"):
         assert not manifest.parity[precision].accepted and manifest.parity[precision].max_abs_dp > 0
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [

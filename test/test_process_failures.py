@@ -57,12 +57,11 @@ def test_missing_input_folder_fails_cleanly(model_dir, tmp_path):
 
 def test_tampered_model_fails_cleanly(model_dir, tmp_path):
     tampered = shutil.copytree(model_dir, tmp_path / "model")
-    onnx_path = tampered / "ensemble.onnx"
+    onnx_path = tampered / "ensemble.int8.onnx"  # the graph the CPU serves
     onnx_path.write_bytes(onnx_path.read_bytes() + b"\0")
-    result = run_cli(
-        PROCESS, "--input", REPO / "test" / "input", "--output", tmp_path / "out", "--model", tampered, check=False
-    )
-    assert_clean_failure(result, tmp_path / "out", "sha256")
+    result = run_on_the_sample(tmp_path / "out", tampered, "--device", "cpu")
+    assert result.returncode == 4
+    assert_clean_failure(result, tmp_path / "out", "ensemble.int8.onnx", "sha256")
 
 
 @pytest.mark.skipif(
@@ -204,7 +203,7 @@ def test_a_graph_onnx_runtime_cannot_open_is_the_model_folders_failure(model_dir
     broken = tmp_path / "model"
     shutil.copytree(model_dir, broken)
     manifest = json.loads((broken / "manifest.json").read_text())
-    graph = manifest["graphs"][manifest["serve"]["cpu"]]
+    graph = manifest["graphs"][manifest["serve"]["cpu"]]["file"]
     (broken / graph).write_bytes(b"not an onnx graph")
     manifest["files"][graph] = sha256_of(broken / graph)
     (broken / "manifest.json").write_text(json.dumps(manifest))

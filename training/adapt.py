@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -92,9 +93,11 @@ def save_fold_model(model: nn.Module, cfg: TrainConfig, fold_dir: Path) -> None:
         save_file({k: v.contiguous() for k, v in learned_state(model, cfg).items()}, fold.weights)
 
 
-def load_fold_model(cfg: TrainConfig, fold_dir: Path) -> nn.Module:
-    """The fold's best model as trained: a PeftModel (unmerged) for LoRA, else the Classifier with its weights."""
-    base, fold = classifier_for(cfg), FoldFolder(fold_dir)
+def load_fold_model(cfg: TrainConfig, fold_dir: Path, base: Classifier | None = None) -> nn.Module:
+    """The fold's best model as trained: a PeftModel (unmerged) for LoRA, else the Classifier with its weights.
+    ``base``: the run's untrained classifier, already built; the fold starts from a copy of it (default: a new one,
+    its weights read again)."""
+    base, fold = (classifier_for(cfg) if base is None else copy.deepcopy(base)), FoldFolder(fold_dir)
     if cfg.mode == "lora":
         return PeftModel.from_pretrained(base, fold.adapter).eval()
     restore_learned_state(base, load_file(fold.weights))

@@ -1,4 +1,4 @@
-"""``python -m training <command>``: synth | case | describe | train | export | predict | probe | evaluate |
+"""``python -m training <command>``: synth | case | describe | train | export | upload | predict | probe | evaluate |
 experiment | cold-start | bench | bench-train | stacks | score."""
 
 from __future__ import annotations
@@ -42,7 +42,13 @@ def _train(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from training.export import export_run
 
-    export_run(args.run_dir, args.output, args.fold)
+    export_run(args.run_dir, args.output, args.fold, parity_patches=args.parity_patches)
+
+
+def _upload(args: argparse.Namespace) -> None:
+    from training.upload import write_upload
+
+    write_upload(args.model_dir, args.output)
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -106,7 +112,17 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--output", type=Path, required=True, help="model folder")
     p.add_argument("--fold", type=int, action="append", help="export only this fold (repeat for more); default all")
+    p.add_argument(
+        "--parity-patches",
+        type=int,
+        help="real patches the reduced precisions are checked on (default 128; the manifest records it)",
+    )
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("upload", help="the folder a GPU platform is handed: the CUDA graph of an export + manifest")
+    p.add_argument("model_dir", type=Path, help="an exported model folder")
+    p.add_argument("--output", type=Path, required=True, help="upload folder (test.sh and export.sh use upload/)")
+    p.set_defaults(func=_upload)
 
     p = sub.add_parser("predict", help="run an exported model on a MIDOG25-layout folder, as the container does")
     p.add_argument("model_dir", type=Path)

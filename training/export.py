@@ -1,10 +1,12 @@
 """Run folder -> one ONNX ensemble + manifest.
 
-Per fold: rebuild the base and load what the fold learned; LoRA adapters are merged with ``merge_and_unload()``,
-checked to give the unmerged model's logits. Then ``Preprocess -> folds -> mean(sigmoid)`` is exported as one
-graph (input ``pixels`` uint8 [N, H, W, 3], output ``prob_atypical`` float [N], dynamic N/H/W; a run trained with
-``tta`` averages each figure's 8 flips and quarter turns inside the graph), checked with
-``onnx.checker`` and against PyTorch in ONNX Runtime, and described by ``manifest.json``.
+The base is built (its weights read) once; per fold, a copy of it loads what the fold learned; LoRA adapters are
+merged with ``merge_and_unload()``, checked to give the unmerged model's logits, and every weight the fold left
+as it was is the base's own tensor again. Then ``Preprocess -> folds -> mean(sigmoid)`` is exported as one graph
+(input ``pixels`` uint8 [N, H, W, 3], output ``prob_atypical`` float [N], dynamic N/H/W; a run trained with
+``tta`` averages each figure's 8 flips and quarter turns inside the graph) that stores each distinct weight once
+(``onnx_weights.compact``), checked with ``onnx.checker`` and against PyTorch in ONNX Runtime, and described by
+``manifest.json``.
 
 Reduced precisions, each behind a parity guard against the fp32 graph on real patches, on the provider that
 would serve it: fp16 for CUDA (max |dp| <= 1e-3, every class the same) and int8 for the CPU (ONNX Runtime's
@@ -25,6 +27,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from torch import nn
 
 from contracts import (
     MANIFEST_FILENAME,
@@ -36,10 +39,11 @@ from contracts import (
     Precision,
     sha256_of,
 )
+from training import onnx_weights
 from training.adapt import load_fold_model
 from training.config import load_run_config
 from training.data import decode_figures, read_datasets
-from training.model import Classifier, Ensemble, preprocess_for
+from training.model import Classifier, Ensemble, classifier_for, preprocess_for
 from training.precision import REDUCED_PRECISIONS, ReducedPrecision, add_reduced_precisions
 from training.preprocess import Preprocess, Standardize
 from training.run import RunFolder
@@ -74,22 +78,40 @@ def spread_sample(pixels: np.ndarray, n: int = 16) -> np.ndarray:
     return pixels[:: max(1, len(pixels) // n)][:n]
 
 
-def fold_model(run_dir: Path, fold: int, pixels: np.ndarray) -> Classifier:
-    """One fold's best model as a plain Classifier; LoRA adapters are merged, checked on ``pixels``."""
+def share_unchanged_weights(fold: nn.Module, base: nn.Module) -> int:
+    """Point every parameter of ``fold`` equal to the base's same-named one at the base's tensor: folds on one
+    frozen base then hold it once, in memory and in the exported graph. Returns the parameters shared."""
+    base_params = dict(base.named_parameters())
+    shared = 0
+    for name, param in list(fold.named_parameters()):
+        ref = base_params.get(name)
+        if ref is not None and ref is not param and ref.shape == param.shape and torch.equal(ref, param):
+            owner, _, attribute = name.rpartition(".")
+            setattr(fold.get_submodule(owner), attribute, ref)
+            shared += 1
+    return shared
+
+
+def fold_model(run_dir: Path, fold: int, pixels: np.ndarray, base: Classifier | None = None) -> Classifier:
+    """One fold's best model as a plain Classifier; LoRA adapters are merged, checked on ``pixels``. With
+    ``base`` (the run's untrained classifier, built once), the fold starts from a copy of it and shares back
+    every weight it left unchanged."""
     run = RunFolder(run_dir)
     cfg = load_run_config(run)
-    trained = load_fold_model(cfg, run.fold(fold).path)
-    if cfg.mode != "lora":
-        return trained
-    with torch.no_grad():
-        x = preprocess_for(cfg, trained.get_base_model())(torch.from_numpy(pixels))
-        unmerged = trained(x)
-        merged = trained.merge_and_unload().eval()
-        diff = (merged(x) - unmerged).abs().max().item()
-    if diff > MERGE_ATOL:
-        raise ExportCheckError(f"fold {fold}: merged logits differ from unmerged by {diff:.2e} > {MERGE_ATOL}")
-    log.info("fold %d merged (max |dlogit| %.1e)", fold, diff)
-    return merged
+    trained = load_fold_model(cfg, run.fold(fold).path, base)
+    if cfg.mode == "lora":
+        with torch.no_grad():
+            x = preprocess_for(cfg, trained.get_base_model())(torch.from_numpy(pixels))
+            unmerged = trained(x)
+            trained = trained.merge_and_unload().eval()
+            diff = (trained(x) - unmerged).abs().max().item()
+        if diff > MERGE_ATOL:
+            raise ExportCheckError(f"fold {fold}: merged logits differ from unmerged by {diff:.2e} > {MERGE_ATOL}")
+        log.info("fold %d merged (max |dlogit| %.1e)", fold, diff)
+    if base is not None:
+        shared = share_unchanged_weights(trained, base)
+        log.info("fold %d shares %d unchanged weight tensors with the base", fold, shared)
+    return trained
 
 
 def export_onnx(ensemble: Ensemble, example: torch.Tensor, path: Path) -> None:
@@ -152,10 +174,13 @@ def export_ensemble(
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".export-") as tmp:
         staged = Path(tmp) / ONNX_FILE
         export_onnx(ensemble, torch.from_numpy(pixels[:2]), staged)
+        saved = onnx_weights.compact(staged)
+        log.info("weights stored once: %.1f MB fewer in the fp32 graph", saved / 1e6)
         worst = compare_with_torch(ensemble, staged, batches)
         log.info("ONNX Runtime vs PyTorch: max |dp| %.2e over %d batches", worst, len(batches))
         reduced = REDUCED_PRECISIONS if reduced_precisions is None else reduced_precisions
         add_reduced_precisions(staged, parity_pixels, threshold, reduced, graphs, serve, parity)
+        described = {precision: onnx_weights.graph_files(staged.with_name(f)) for precision, f in graphs.items()}
         files = sorted(p.name for p in Path(tmp).iterdir())
         for old in [*output_dir.glob("ensemble*.onnx*"), output_dir / MANIFEST_FILENAME]:
             old.unlink(missing_ok=True)
@@ -168,7 +193,7 @@ def export_ensemble(
         folds=len(folds),
         threshold=threshold,
         pixel_size_um=pixel_size_um,
-        graphs=graphs,
+        graphs=described,
         serve=serve,
         parity=parity,
         files={name: sha256_of(output_dir / name) for name in files},
@@ -177,7 +202,7 @@ def export_ensemble(
         created_utc=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     (output_dir / MANIFEST_FILENAME).write_text(manifest.model_dump_json(indent=1) + "\n")
-    ModelManifest.load(output_dir).verify_files(output_dir)  # what process.py will do first
+    ModelManifest.load(output_dir).verify_files(output_dir)
     log.info(
         "exported %d folds of %s to %s (threshold %.4f; served: %s)",
         len(folds),
@@ -189,9 +214,12 @@ def export_ensemble(
     return manifest
 
 
-def export_run(run_dir: Path, output_dir: Path, folds: list[int] | None = None) -> ModelManifest:
+def export_run(
+    run_dir: Path, output_dir: Path, folds: list[int] | None = None, parity_patches: int | None = None
+) -> ModelManifest:
     """Every fold of the run (or only ``folds``: one leave-one-scanner-out fold, say, to serve it on the scanner it
-    never saw), at the threshold chosen on the run's pooled out-of-fold predictions."""
+    never saw), at the threshold chosen on the run's pooled out-of-fold predictions. ``parity_patches``: how many
+    real patches the reduced precisions are checked on (default ``PARITY_PATCHES``; the manifest records it)."""
     run = RunFolder(run_dir)
     cfg = load_run_config(run)
     if unfinished := run.unfinished_folds(cfg.folds):
@@ -200,8 +228,10 @@ def export_run(run_dir: Path, output_dir: Path, folds: list[int] | None = None) 
     if not chosen or not all(0 <= k < cfg.folds for k in chosen):
         raise ValueError(f"{run_dir}: folds {folds} outside 0..{cfg.folds - 1}")
     summary = run.read_summary()
-    parity_pixels = verification_pixels(run_dir, PARITY_PATCHES)
-    models = [fold_model(run_dir, k, spread_sample(parity_pixels)) for k in chosen]
+    parity_pixels = verification_pixels(run_dir, parity_patches or PARITY_PATCHES)
+    base = classifier_for(cfg).eval()  # the base's weights read once, shared by every fold
+    models = [fold_model(run_dir, k, spread_sample(parity_pixels), base) for k in chosen]
+    del base
     return export_ensemble(
         models,
         parity_pixels,

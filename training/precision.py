@@ -5,7 +5,6 @@ on the provider that would serve it: fp16 for CUDA (max |dp| <= 1e-3, every clas
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ import onnxruntime as ort
 import torch
 
 from contracts import ONNX_INPUT, ONNX_OUTPUT, Device, ParityCheck, Precision, classify
+from training.onnx_weights import fold_weight_transposes, save, share_identical_weights, unshare_weights
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,8 @@ def write_fp16(fp32_path: Path, fp16_path: Path) -> None:
     model = onnx.load(str(fp32_path))  # external weights loaded too
     too_big = _graph_bytes(fp32_path) > PROTOBUF_LIMIT
     half = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=too_big)
-    onnx.save(half, str(fp16_path), save_as_external_data=True, location=f"{fp16_path.name}.data")
-    onnx.checker.check_model(str(fp16_path))
+    share_identical_weights(half.graph)
+    save(half, fp16_path)
 
 
 def write_int8(fp32_path: Path, int8_path: Path) -> None:
@@ -58,46 +58,9 @@ def write_int8(fp32_path: Path, int8_path: Path) -> None:
         )
     finally:
         root.setLevel(level)
-    onnx.checker.check_model(str(int8_path))
-
-
-def fold_weight_transposes(graph: onnx.GraphProto) -> int:
-    """Replace ``Transpose(weight)`` by the transposed weight; returns the transposes folded.
-
-    The exporter keeps a Linear's weight transpose as a node when modules share the weight (folds on one frozen
-    base, say), and the quantizer only quantizes a MatMul whose weight is a constant."""
-    initializers = {tensor.name: tensor for tensor in graph.initializer}
-    folded = [node for node in graph.node if node.op_type == "Transpose" and node.input[0] in initializers]
-    for node in folded:
-        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-        weight = onnx.numpy_helper.to_array(initializers[node.input[0]])
-        graph.initializer.append(onnx.numpy_helper.from_array(np.transpose(weight, perm), node.output[0]))
-        graph.node.remove(node)
-    still_read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    for tensor in [t for t in graph.initializer if t.name not in still_read]:
-        graph.initializer.remove(tensor)
-    return len(folded)
-
-
-def unshare_weights(graph: onnx.GraphProto, op_types: tuple[str, ...]) -> int:
-    """Give each of these ops its own copy of a weight that another node also reads; returns the copies made.
-
-    The quantizer replaces a weight by its int8 version at the first MatMul that reads it, and then cannot
-    type it at the second."""
-    initializers = {tensor.name: tensor for tensor in graph.initializer}
-    readers = Counter(name for node in graph.node for name in node.input if name in initializers)
-    copies = 0
-    for node in graph.node:
-        if node.op_type not in op_types:
-            continue
-        for i, name in enumerate(node.input):
-            if readers.get(name, 0) > 1:
-                readers[name] -= 1  # the last reader keeps the original
-                copy = graph.initializer.add()
-                copy.CopyFrom(initializers[name])
-                copy.name = node.input[i] = f"{name}.{node.name or copies}.copy"
-                copies += 1
-    return copies
+    quantized = onnx.load(str(int8_path))
+    share_identical_weights(quantized.graph)  # the folds' shared weights, unshared for the quantizer, once again
+    save(quantized, int8_path)
 
 
 def _graph_bytes(path: Path) -> int:

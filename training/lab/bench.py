@@ -178,8 +178,8 @@ def bench_stack(
     """Both paths from the same random weights on one stack, interleaved after a warm-up; medians per stack."""
     import process
     from training.export import PARITY_PATCHES, export_ensemble
-    from training.precision import REDUCED_PRECISIONS
     from training.synthetic import synthetic_figures
+    from training.upload import folder_bytes, write_upload
 
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: torch sees no GPU here")
@@ -187,6 +187,7 @@ def bench_stack(
     folds = peer_folds(BENCH_BACKBONES[backbone], torch.device(device))
     preprocess = Preprocess.for_backbone(folds[0].get_base_model().backbone).to(device)
     merged = [copy.deepcopy(fold).merge_and_unload().eval() for fold in folds]
+    params_per_fold = sum(p.numel() for p in merged[0].parameters())
     ensemble = Ensemble(Preprocess.for_backbone(merged[0].backbone), merged).eval()
     gflops = stack_gflops(ensemble, pages)
 
@@ -194,7 +195,7 @@ def bench_stack(
     extra = synthetic_figures(PARITY_PATCHES - len(pages), seed=11, n_slides=4)[0]
     parity_pixels = np.concatenate([np.stack(pages), extra])
     with tempfile.TemporaryDirectory(prefix="bench-model-") as tmp:
-        model_dir = Path(tmp)
+        model_dir = Path(tmp) / "model"
         manifest = export_ensemble(
             [m.cpu() for m in merged],
             parity_pixels,
@@ -203,9 +204,11 @@ def bench_stack(
             backbone=backbone,
             training_config={"bench": f"{BENCH_FOLDS} random LoRA rank-8 folds"},
             oof_metrics={},
-            reduced_precisions=tuple(r for r in REDUCED_PRECISIONS if r.device == device),  # the one served here
         )
         del merged, ensemble
+        model_bytes = {precision: manifest.size_bytes(model_dir, precision) for precision in manifest.graphs}
+        upload = write_upload(model_dir, Path(tmp) / "upload")  # what a GPU platform is handed
+        upload_bytes = folder_bytes(Path(tmp) / "upload")
         ours = process.OnnxEnsemble(model_dir, device)
         fp32 = process.OnnxEnsemble(model_dir, device, precision="fp32")
         paths = {
@@ -227,6 +230,13 @@ def bench_stack(
         "peer_s_per_stack": seconds["peer"],
         "ours_s_per_stack": seconds["ours"],
         "cold_start_s": cold["cold_start_s"],
+        "params_per_fold": params_per_fold,
+        "model_bytes": model_bytes,
+        "upload_bytes": upload_bytes,
+        "upload_precision": next(iter(upload.graphs)),
+        # the upload against three folds stored whole in fp16: 1.0 without sharing, 5/9 when the attention is all
+        # that the folds change (a third of a Virchow block)
+        "upload_vs_three_fp16_folds": upload_bytes / (BENCH_FOLDS * params_per_fold * 2),
         "gflops_per_stack": gflops,
         "achieved_tflops": gflops / seconds["ours"] / 1e3,
         "speedup_vs_peer": seconds["peer"] / seconds["ours"],

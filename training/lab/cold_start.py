@@ -49,7 +49,7 @@ def session_seconds(model_dir: Path, device: str = "cpu", repeats: int = 5) -> d
 
     from contracts import ModelManifest
 
-    _, graph = ModelManifest.load(model_dir).graph_for(device)
+    graph = ModelManifest.load(model_dir).graph_for(device)[1].file
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
     with tempfile.TemporaryDirectory() as tmp:
         optimized = Path(tmp) / graph

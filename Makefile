@@ -1,11 +1,12 @@
 # make demo: the whole chain on the embedded synthetic default, on CPU.   make test: lint + the test suite.
+# make gpu-check: the prepared measurement on one GPU (docs/benchmarks.md).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 DEMO := demo
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean gpu-check
 
 $(INSTALLED): requirements.txt training/requirements.txt test/requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +31,13 @@ lint: $(INSTALLED)
 
 test: lint
 	$(PY) -m pytest
+
+# On one GPU (docs/benchmarks.md): the Virchow-size ensemble served and trained, into one JSON. GPU_PYTHON: an
+# interpreter with torch, timm, peft, onnx and the inference requirements (the GPU machine's own, or this venv).
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+GPU_CHECK_JSON ?= gpu-check.json
+gpu-check:
+	$(GPU_PYTHON) -m training gpu-check --device cuda --backbone virchow-size --json $(GPU_CHECK_JSON)
 
 clean:
 	rm -rf $(DEMO) upload model/*.onnx model/*.onnx.data model/manifest.json

@@ -90,3 +90,39 @@ def test_bench_train_counts_model_flops_and_times_both_recipes(tmp_path):
         assert figures["images_per_s"] == pytest.approx(4 / figures["s_per_step"])
         assert figures["mfu"] == pytest.approx(figures["achieved_tflops"])  # against a peak of 1 TFLOP/s
     assert result["speedup"] == pytest.approx(result["naive"]["s_per_step"] / result["optimized"]["s_per_step"])
+
+
+def test_gpu_check_rehearses_on_the_cpu_with_the_tiny_backbone(tmp_path):
+    """``make gpu-check``'s code, end to end, on the CPU: the container's path (PyTorch fp16 where onnxruntime has
+    no CUDA provider, and the JSON says so), the peer path, cold start in fresh processes, training MFU."""
+    from training.lab.gpu_check import onnxruntime_cuda
+
+    run_cli(
+        "-m",
+        "training",
+        "gpu-check",
+        "--device",
+        "cpu",
+        "--backbone",
+        "tiny-virchow",
+        "--repeats",
+        "1",
+        "--train-batch-size",
+        "4",
+        "--json",
+        tmp_path / "gpu.json",
+    )
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert result["device"] == "cpu" and result["backbone"] == "tiny-virchow"
+    assert result["container_path"].startswith("pytorch-fp16: merged folds, the stack as one batch")
+    serving = result["serving"]
+    assert serving["pages"] == 16 and serving["ours_s_per_stack"] > 0 and serving["peer_s_per_stack"] > 0
+    assert serving["speedup_vs_peer"] == pytest.approx(serving["peer_s_per_stack"] / serving["ours_s_per_stack"])
+    assert 0 < serving["max_abs_dp_ours_vs_peer"] <= 1e-2  # fp16 merged against fp32 unmerged, same weights
+    assert serving["cold_start_s"] > 0 and serving["cold_start_repeats"] == 3 and serving["peak_vram_bytes"] is None
+    training = result["training"]
+    assert training["batch_size"] == 4 and training["model_tflop_per_step"] > 0
+    assert {"naive", "optimized"} <= set(training) and training["optimized"]["images_per_s"] > 0
+    assert result["wall_s"] > 0
+    available, why = onnxruntime_cuda()
+    assert not available or "CUDA provider" in why

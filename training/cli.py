@@ -1,5 +1,5 @@
 """``python -m training <command>``: synth | case | describe | train | export | upload | predict | probe | evaluate |
-experiment | cold-start | bench | bench-train | stacks | score."""
+experiment | cold-start | bench | bench-train | gpu-check | stacks | score."""
 
 from __future__ import annotations
 

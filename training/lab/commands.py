@@ -1,5 +1,5 @@
 """The lab's commands of ``python -m training``: describe, probe, stacks, score, experiment, cold-start, bench,
-bench-train (``training.cli`` adds them beside the product's)."""
+bench-train, gpu-check (``training.cli`` adds them beside the product's)."""
 
 from __future__ import annotations
 
@@ -76,6 +76,13 @@ def _bench(args: argparse.Namespace) -> None:
     from training.lab.cold_start import report
 
     report(bench_stack(args.device, args.backbone, args.repeats, args.input, peak_tflops=args.peak_tflops), args.json)
+
+
+def _gpu_check(args: argparse.Namespace) -> None:
+    from training.lab.cold_start import report
+    from training.lab.gpu_check import gpu_check
+
+    report(gpu_check(args.device, args.backbone, args.repeats, train_batch_size=args.train_batch_size), args.json)
 
 
 def _bench_train(args: argparse.Namespace) -> None:
@@ -208,3 +215,11 @@ def _add_experiment_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for MFU where not built in")
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.set_defaults(func=_bench_train)
+
+    p = sub.add_parser("gpu-check", help="the Virchow-size ensemble on one GPU: serving, peer, cold start, VRAM, MFU")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
+    p.add_argument("--backbone", choices=("tiny-virchow", "vit-base", "virchow-size"), default="virchow-size")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--train-batch-size", type=int, default=32, help="LoRA training steps' batch")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    p.set_defaults(func=_gpu_check)

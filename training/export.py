@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import logging
 import math
+import resource
 import shutil
 import tempfile
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -161,7 +163,10 @@ def export_ensemble(
 ) -> ModelManifest:
     """Merged folds -> the model folder ``process.py`` serves: fp32 graph (with ``tta``, averaging the 8 D4
     orientations), reduced precisions (all of ``REDUCED_PRECISIONS`` by default) that pass their parity checks on
-    ``parity_pixels`` (real patches), manifest with checksums. Replaces an earlier export."""
+    ``parity_pixels`` (real patches), manifest with checksums. Replaces an earlier export. Consumes ``folds``:
+    the list is emptied once the fp32 graph is checked, so that a caller holding no other reference frees the
+    PyTorch weights before the reduced precisions are written (at Virchow size they would not fit beside them)."""
+    n_folds = len(folds)
     ensemble = Ensemble(Preprocess.for_backbone(folds[0].backbone, standardize), folds, tta=tta).eval()
     pixels = spread_sample(parity_pixels)
     # a single page and an odd page size exercise the dynamic axes and the in-graph resize
@@ -178,6 +183,8 @@ def export_ensemble(
         log.info("weights stored once: %.1f MB fewer in the fp32 graph", saved / 1e6)
         worst = compare_with_torch(ensemble, staged, batches)
         log.info("ONNX Runtime vs PyTorch: max |dp| %.2e over %d batches", worst, len(batches))
+        del ensemble
+        folds.clear()
         reduced = REDUCED_PRECISIONS if reduced_precisions is None else reduced_precisions
         add_reduced_precisions(staged, parity_pixels, threshold, reduced, graphs, serve, parity)
         described = {precision: onnx_weights.graph_files(staged.with_name(f)) for precision, f in graphs.items()}
@@ -190,7 +197,7 @@ def export_ensemble(
 
     manifest = ModelManifest(
         backbone=backbone,
-        folds=len(folds),
+        folds=n_folds,
         threshold=threshold,
         pixel_size_um=pixel_size_um,
         graphs=described,
@@ -205,7 +212,7 @@ def export_ensemble(
     ModelManifest.load(output_dir).verify_files(output_dir)
     log.info(
         "exported %d folds of %s to %s (threshold %.4f; served: %s)",
-        len(folds),
+        n_folds,
         backbone,
         output_dir,
         threshold,
@@ -220,6 +227,7 @@ def export_run(
     """Every fold of the run (or only ``folds``: one leave-one-scanner-out fold, say, to serve it on the scanner it
     never saw), at the threshold chosen on the run's pooled out-of-fold predictions. ``parity_patches``: how many
     real patches the reduced precisions are checked on (default ``PARITY_PATCHES``; the manifest records it)."""
+    started = time.perf_counter()
     run = RunFolder(run_dir)
     cfg = load_run_config(run)
     if unfinished := run.unfinished_folds(cfg.folds):
@@ -231,8 +239,8 @@ def export_run(
     parity_pixels = verification_pixels(run_dir, parity_patches or PARITY_PATCHES)
     base = classifier_for(cfg).eval()  # the base's weights read once, shared by every fold
     models = [fold_model(run_dir, k, spread_sample(parity_pixels), base) for k in chosen]
-    del base
-    return export_ensemble(
+    del base  # the folds hold what they share of it; export_ensemble frees them after the fp32 graph
+    manifest = export_ensemble(
         models,
         parity_pixels,
         summary["threshold"],
@@ -244,3 +252,6 @@ def export_run(
         pixel_size_um=cfg.pixel_size_um,
         standardize=cfg.standardize,
     )
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    log.info("export took %.0f s, peak resident memory %.1f GiB", time.perf_counter() - started, peak_gb)
+    return manifest

@@ -15,7 +15,7 @@ import onnxruntime as ort
 import torch
 
 from contracts import ONNX_INPUT, ONNX_OUTPUT, Device, ParityCheck, Precision, classify
-from training.onnx_weights import fold_weight_transposes, save, share_identical_weights, unshare_weights
+from training.onnx_weights import fold_weight_transposes, save, share_identical_weights
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +36,24 @@ def write_fp16(fp32_path: Path, fp16_path: Path) -> None:
 
 def write_int8(fp32_path: Path, int8_path: Path) -> None:
     """The fp32 graph with its MatMul weights in int8 (per output channel) and their inputs quantized per batch
-    at run time: ONNX Runtime's dynamic quantization, MatMulInteger on the CPU's int8 units (VNNI, AMX)."""
+    at run time: ONNX Runtime's dynamic quantization, MatMulInteger on the CPU's int8 units (VNNI, AMX). A weight
+    several folds share is quantized once and stays shared."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = onnx.load(str(fp32_path))
     # the exporter's shape annotations (value_info) contradict the quantizer's own shape inference: drop them
     model.graph.ClearField("value_info")
     fold_weight_transposes(model.graph)
-    unshare_weights(model.graph, QUANTIZED_OPS)
+    # the quantizer reads the graph from disk: handed it in memory, it would hold a second copy while it works
+    staged = int8_path.with_name(f"{int8_path.stem}.to-quantize.onnx")
+    save(model, staged)
+    del model
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the quantizer logs a line per tensor to the root logger
     try:
         quantize_dynamic(
-            model,
+            staged,
             int8_path,
             op_types_to_quantize=list(QUANTIZED_OPS),
             per_channel=True,
@@ -58,9 +62,9 @@ def write_int8(fp32_path: Path, int8_path: Path) -> None:
         )
     finally:
         root.setLevel(level)
-    quantized = onnx.load(str(int8_path))
-    share_identical_weights(quantized.graph)  # the folds' shared weights, unshared for the quantizer, once again
-    save(quantized, int8_path)
+        for path in staged.parent.glob(f"{staged.name}*"):
+            path.unlink()
+    onnx.checker.check_model(str(int8_path))
 
 
 def _graph_bytes(path: Path) -> int:

@@ -4,7 +4,8 @@
 ``process.py`` as the container does, ``repeats`` times in fresh processes, and times the parts in fresh processes
 too: the interpreter with ``process.py``'s imports, the ONNX Runtime session, and one stack's inference. It also
 times, interleaved, opening the served graph as exported against opening a copy ONNX Runtime optimized ahead of
-time (basic level, the provider-independent one): whether shipping a pre-optimized graph would shorten the start.
+time (basic level, the provider-independent one): whether shipping a pre-optimized graph would shorten the start;
+and the start's integrity check, the served graph's sha256 against every file's.
 """
 
 import json
@@ -68,6 +69,25 @@ def session_seconds(model_dir: Path, device: str = "cpu", repeats: int = 5) -> d
     return {key: statistics.median(values) for key, values in times.items()}
 
 
+def integrity_seconds(model_dir: Path, device: str = "cpu") -> dict[str, float]:
+    """Seconds to check the sha256 of the served graph's files (what a start does) and of every file the
+    manifest lists (what it did before it checked only what it loads), each after one read to warm the cache."""
+    from contracts import ModelManifest
+
+    manifest = ModelManifest.load(model_dir)
+    precision = manifest.graph_for(device)[0]
+    times = {}
+    for key, verify in (
+        ("verify_served_graph_s", lambda: manifest.verify_graph(model_dir, precision)),
+        ("verify_every_file_s", lambda: manifest.verify_files(model_dir)),
+    ):
+        verify()
+        started = time.perf_counter()
+        verify()
+        times[key] = time.perf_counter() - started
+    return times
+
+
 def cold_start(model_dir: Path, case_dir: Path = SAMPLE_CASE, device: str = "cpu", repeats: int = 5) -> dict:
     """Median seconds from process start to the answer written, and of its parts, over ``repeats`` runs each."""
     model_dir, case_dir = model_dir.resolve(), case_dir.resolve()  # the parts run from the repository root
@@ -108,6 +128,7 @@ def cold_start(model_dir: Path, case_dir: Path = SAMPLE_CASE, device: str = "cpu
         "cold_start_s_min": min(totals),
         **{key: _median(parts, key) for key in ("imports_s", "session_s", "predict_s")},
         **session_seconds(model_dir, device, repeats),
+        **integrity_seconds(model_dir, device),
     }
 
 

@@ -2,12 +2,14 @@
 
 Folds trained with LoRA on one frozen base share most of their weights (at Virchow size, the SwiGLU MLPs: two
 thirds of a block). ``compact`` makes the graph hold each distinct weight once, whoever reads it; ONNX Runtime
-then also keeps one copy in memory, and ONNX Runtime's quantizer quantizes a shared weight once.
+then also keeps one copy in memory, and ONNX Runtime's quantizer quantizes a shared MatMul weight once (a Gemm's
+it cannot: ``unshare_weights`` gives each Gemm its own, a classifier head's few hundred numbers).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,6 +86,24 @@ def share_identical_weights(graph: onnx.GraphProto) -> int:
     for tensor in [t for t in graph.initializer if t.name in renamed]:
         graph.initializer.remove(tensor)
     return saved
+
+
+def unshare_weights(graph: onnx.GraphProto, op_types: tuple[str, ...]) -> int:
+    """Give each node of these types its own copy of a weight another node also reads; returns the copies made."""
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    readers = Counter(name for node in graph.node for name in node.input if name in initializers)
+    copies = 0
+    for node in graph.node:
+        if node.op_type not in op_types:
+            continue
+        for i, name in enumerate(node.input):
+            if readers.get(name, 0) > 1:
+                readers[name] -= 1  # the last reader keeps the original
+                copy = graph.initializer.add()
+                copy.CopyFrom(initializers[name])
+                copy.name = node.input[i] = f"{name}.{node.name or copies}.copy"
+                copies += 1
+    return copies
 
 
 def save(model: onnx.ModelProto, path: Path) -> GraphFiles:

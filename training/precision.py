@@ -15,7 +15,7 @@ import onnxruntime as ort
 import torch
 
 from contracts import ONNX_INPUT, ONNX_OUTPUT, Device, ParityCheck, Precision, classify
-from training.onnx_weights import fold_weight_transposes, save, share_identical_weights
+from training.onnx_weights import fold_weight_transposes, save, share_identical_weights, unshare_weights
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ def write_int8(fp32_path: Path, int8_path: Path) -> None:
     # the exporter's shape annotations (value_info) contradict the quantizer's own shape inference: drop them
     model.graph.ClearField("value_info")
     fold_weight_transposes(model.graph)
+    unshare_weights(model.graph, ("Gemm",))  # a Gemm weight read twice fails the quantizer; a MatMul's does not
     # the quantizer reads the graph from disk: handed it in memory, it would hold a second copy while it works
     staged = int8_path.with_name(f"{int8_path.stem}.to-quantize.onnx")
     save(model, staged)

@@ -188,7 +188,7 @@ def export_ensemble(
         reduced = REDUCED_PRECISIONS if reduced_precisions is None else reduced_precisions
         add_reduced_precisions(staged, parity_pixels, threshold, reduced, graphs, serve, parity)
         described = {precision: onnx_weights.graph_files(staged.with_name(f)) for precision, f in graphs.items()}
-        files = sorted(p.name for p in Path(tmp).iterdir())
+        files = sorted(name for graph in described.values() for name in graph.names)
         for old in [*output_dir.glob("ensemble*.onnx*"), output_dir / MANIFEST_FILENAME]:
             old.unlink(missing_ok=True)
         for name in files:

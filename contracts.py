@@ -155,8 +155,9 @@ class ModelManifest(BaseModel):
     ``graphs`` names one ONNX graph per precision held in the folder: an export holds fp32 (the reference) and
     the reduced precisions that passed parity; an upload (``training upload``) holds only the graph one device
     serves. ``serve`` says which graph each device runs; ``parity`` records every reduced-precision graph's check
-    against fp32, refused ones included. ``files`` lists exactly the folder's files besides the manifest, each
-    with its sha256; a run verifies only the files of the graph it loads (``verify_graph``).
+    against fp32, refused ones included. ``files`` lists exactly the graphs' files, each with its sha256 (an
+    upload holds nothing else besides the manifest); a run verifies only the files of the graph it loads
+    (``verify_graph``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -183,6 +184,8 @@ class ModelManifest(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelManifest:
+        if missing := sorted({"cuda", "cpu"} - set(self.serve)):
+            raise ValueError(f"serve names no graph for {', '.join(missing)}")
         for device, precision in self.serve.items():
             if precision not in self.graphs:
                 raise ValueError(f"serve.{device} is {precision}, which graphs does not name")
@@ -197,9 +200,7 @@ class ModelManifest(BaseModel):
 
     def graph_for(self, device: Device) -> tuple[Precision, GraphFiles]:
         """The precision and files of the graph ``device`` serves."""
-        precision = self.serve.get(device, "fp32")
-        if precision not in self.graphs:
-            raise ContractError(f"the model folder serves nothing on {device} (serve: {self.serve})")
+        precision = self.serve[device]
         return precision, self.graphs[precision]
 
     @classmethod

@@ -11,7 +11,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 
 IMAGE=${IMAGE:-midog25-track2}
 IMAGE_ARCHIVE="${IMAGE//[\/:]/_}.tar.gz"
-PYTHON=${PYTHON:-python3}
+PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 
 if [ ! -f model/manifest.json ]; then
     echo "export.sh: model/manifest.json missing: export a model first (python -m training export RUN --output model)" >&2

@@ -143,8 +143,9 @@ class OnnxEnsemble:
             )
         if wants_cuda and self.provider != "CUDAExecutionProvider":
             log.warning("CUDA provider did not load; running on %s with the CPU's graph", self.provider)
-            self.precision, self.session = self._open(model_dir, "cpu", precision)
-            self.provider = self.session.get_providers()[0]
+            if precision is None and self.manifest.graph_for("cpu")[0] != self.precision:  # else: already open
+                self.precision, self.session = self._open(model_dir, "cpu", precision)
+                self.provider = self.session.get_providers()[0]
 
     def _open(self, model_dir: Path, device: Device, precision: str | None) -> tuple[str, Any]:
         """The precision and a session of the graph the manifest serves on ``device`` (fp16 on CUDA, int8 on the
@@ -152,11 +153,12 @@ class OnnxEnsemble:
         predict compare graphs). Only that graph's files are verified against the manifest, just before loading."""
         import onnxruntime as ort
 
-        served, graph = self.manifest.graph_for(device)
-        if precision is not None:
-            if precision not in self.manifest.graphs:
-                raise ContractError(f"{model_dir}: no {precision} graph (has {', '.join(self.manifest.graphs)})")
+        if precision is None:
+            served, graph = self.manifest.graph_for(device)
+        elif precision in self.manifest.graphs:
             served, graph = precision, self.manifest.graphs[precision]
+        else:
+            raise ContractError(f"{model_dir}: no {precision} graph (has {', '.join(self.manifest.graphs)})")
         self.manifest.verify_graph(model_dir, served)
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
         try:

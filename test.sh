@@ -16,7 +16,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 IMAGE=${IMAGE:-midog25-track2}
 GPUS=${GPUS-all}
 TOLERANCE=${TOLERANCE:-0.02}
-PYTHON=${PYTHON:-python3}
+PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 EXPECTED=${EXPECTED:-test/expected_output.json}
 OUTPUT_JSON=multiple-mitotic-figure-classification.json
 

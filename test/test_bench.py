@@ -59,7 +59,7 @@ def test_bench_times_peer_and_ours_on_the_same_weights(tmp_path):
     assert result["parity"]["fp16"]["accepted"]
     assert result["model_bytes"]["fp16"] < result["upload_bytes"] < result["model_bytes"]["fp16"] + 4096  # + manifest
     assert result["upload_bytes"] <= 0.60 * 3 * result["params_per_fold"] * 2
-    assert result["upload_vs_three_fp16_folds"] == pytest.approx(result["upload_bytes"] / (6 * 399_745))
+    assert 0.5 < result["upload_vs_three_fp16_folds"] < 0.6  # 5/9 and the protobuf: the MLPs are stored once
 
 
 def test_peer_folds_are_unmerged_lora_models_that_merging_changes():
@@ -125,5 +125,8 @@ def test_gpu_check_rehearses_on_the_cpu_with_the_tiny_backbone(tmp_path):
     assert training["batch_size"] == 4 and training["model_tflop_per_step"] > 0
     assert {"naive", "optimized"} <= set(training) and training["optimized"]["images_per_s"] > 0
     assert result["wall_s"] > 0
-    available, why = onnxruntime_cuda()
-    assert not available or "CUDA provider" in why
+    import torch
+
+    if not torch.cuda.is_available():  # then the probe must say so, whatever the onnxruntime build lists
+        available, why = onnxruntime_cuda()
+        assert not available and ("no CUDA provider" in why or "no GPU visible" in why)

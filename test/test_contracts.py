@@ -171,6 +171,12 @@ def test_manifest_serves_only_graphs_that_passed_parity(tmp_path):
         )
 
 
+def test_manifest_serves_a_graph_on_every_device(tmp_path):
+    graphs = {"fp32": _graph(tmp_path, "ensemble.onnx")}
+    with pytest.raises(ContractError, match="serve names no graph for cpu"):
+        ModelManifest.load(_manifest(tmp_path, graphs=graphs, serve={"cuda": "fp32"}))
+
+
 def test_a_run_verifies_only_the_graph_it_loads(tmp_path):
     graphs = {"fp32": _graph(tmp_path, "ensemble.onnx"), "int8": _graph(tmp_path, "ensemble.int8.onnx", b"int8")}
     check = {"max_abs_dp": 0.004, "class_agreement": 1.0, "patches": 128, "provider": "CPUExecutionProvider"}

@@ -61,6 +61,27 @@ def test_an_upload_replaces_an_earlier_one_and_refuses_a_foreign_folder(model_di
         write_upload(model_dir, foreign)
     with pytest.raises(ValueError, match="another folder"):
         write_upload(model_dir, model_dir)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    write_upload(model_dir, empty)  # an empty folder is fine
+    assert (empty / "manifest.json").is_file()
+
+
+def test_a_failed_upload_leaves_the_earlier_one_whole(model_dir, tmp_path, monkeypatch):
+    import training.upload as upload
+
+    target = tmp_path / "upload"
+    write_upload(model_dir, target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def disk_full(source, destination):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(upload, "_place", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_upload(model_dir, target)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["upload"]  # no staging folder left behind
 
 
 @pytest.mark.parametrize("part", ["graph", "external data"])
@@ -78,6 +99,24 @@ def test_a_tampered_graph_that_is_loaded_is_refused(upload, tmp_path, part):
     )
     assert result.returncode == 4
     assert_clean_failure(result, tmp_path / "out", name, "sha256 does not match the manifest")
+
+
+def test_the_graph_opened_after_a_cuda_fallback_is_verified_too(model_dir, tmp_path):
+    """device auto: this onnxruntime build lists CUDA, which does not load here, so the run falls back to the
+    CPU's graph (int8), a second graph: tampered, it is refused as the first would be."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has no CUDA provider to fall back from")
+    tampered = shutil.copytree(model_dir, tmp_path / "model")
+    (tampered / "ensemble.int8.onnx").write_bytes((tampered / "ensemble.int8.onnx").read_bytes() + b"\0")
+    result = run_cli(
+        PROCESS, "--input", SAMPLE, "--output", tmp_path / "out", "--model", tampered, "--device", "auto", check=False
+    )
+    if "CUDA provider did not load" not in result.stderr:
+        pytest.skip("the CUDA provider loaded: no fallback on this machine")
+    assert result.returncode == 4
+    assert_clean_failure(result, tmp_path / "out", "ensemble.int8.onnx", "sha256")
 
 
 def test_files_of_graphs_the_run_does_not_load_are_not_looked_at(model_dir, tmp_path):

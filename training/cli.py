@@ -45,6 +45,13 @@ def _export(args: argparse.Namespace) -> None:
     export_run(args.run_dir, args.output, args.fold, parity_patches=args.parity_patches)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _upload(args: argparse.Namespace) -> None:
     from training.upload import write_upload
 
@@ -114,7 +121,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fold", type=int, action="append", help="export only this fold (repeat for more); default all")
     p.add_argument(
         "--parity-patches",
-        type=int,
+        type=_positive_int,
         help="real patches the reduced precisions are checked on (default 128; the manifest records it)",
     )
     p.set_defaults(func=_export)

@@ -236,7 +236,7 @@ def export_run(
     if not chosen or not all(0 <= k < cfg.folds for k in chosen):
         raise ValueError(f"{run_dir}: folds {folds} outside 0..{cfg.folds - 1}")
     summary = run.read_summary()
-    parity_pixels = verification_pixels(run_dir, parity_patches or PARITY_PATCHES)
+    parity_pixels = verification_pixels(run_dir, PARITY_PATCHES if parity_patches is None else parity_patches)
     base = classifier_for(cfg).eval()  # the base's weights read once, shared by every fold
     models = [fold_model(run_dir, k, spread_sample(parity_pixels), base) for k in chosen]
     del base  # the folds hold what they share of it; export_ensemble frees them after the fp32 graph

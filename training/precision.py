@@ -65,7 +65,9 @@ def write_int8(fp32_path: Path, int8_path: Path) -> None:
         root.setLevel(level)
         for path in staged.parent.glob(f"{staged.name}*"):
             path.unlink()
-    onnx.checker.check_model(str(int8_path))
+    quantized = onnx.load(str(int8_path))
+    share_identical_weights(quantized.graph)  # the quantizer's zero points and scales repeat across folds
+    save(quantized, int8_path)
 
 
 def _graph_bytes(path: Path) -> int:

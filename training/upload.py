@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 
 from contracts import MANIFEST_FILENAME, Device, ModelManifest
@@ -24,43 +25,53 @@ def _place(source: Path, target: Path) -> None:
     target.chmod(0o644)
 
 
-def _clear(output_dir: Path) -> None:
-    """Remove an earlier upload's files; refuse a folder that holds anything else."""
+def _check_replaceable(output_dir: Path) -> None:
+    """An earlier upload (its manifest and the files it lists) or an empty folder may be replaced; else refuse."""
     if not output_dir.exists():
         return
     entries = sorted(p.name for p in output_dir.iterdir())
-    if entries and MANIFEST_FILENAME not in entries:
+    if not entries:
+        return
+    if MANIFEST_FILENAME not in entries:
         raise ValueError(f"{output_dir}: not empty and not a model folder; refusing to write the upload there")
     previous = ModelManifest.load(output_dir)
     if strays := sorted(set(entries) - {MANIFEST_FILENAME, *previous.files}):
         raise ValueError(f"{output_dir}: holds files its manifest does not list ({', '.join(strays)}); remove them")
-    for name in entries:
-        (output_dir / name).unlink()
 
 
 def write_upload(model_dir: Path, output_dir: Path, device: Device = "cuda") -> ModelManifest:
     """``model_dir`` (an export) -> ``output_dir``: the graph ``device`` serves, its files verified, and a manifest
-    naming only that graph, served on every device. Replaces an earlier upload there."""
+    naming only that graph, served on every device. Written beside ``output_dir`` and renamed into place, so an
+    earlier upload there is replaced whole or kept."""
     if output_dir.resolve() == model_dir.resolve():
         raise ValueError(f"{output_dir}: the upload must go to another folder than the export it comes from")
     manifest = ModelManifest.load(model_dir)
     precision, graph = manifest.graph_for(device)
     manifest.verify_graph(model_dir, precision)
-    _clear(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for name in graph.names:
-        _place(model_dir / name, output_dir / name)
-    upload = manifest.model_copy(
-        update={
-            "graphs": {precision: graph},
-            "serve": {"cuda": precision, "cpu": precision},
-            "files": {name: manifest.files[name] for name in graph.names},
-        }
-    )
-    (output_dir / MANIFEST_FILENAME).write_text(upload.model_dump_json(indent=1) + "\n")
-    (output_dir / MANIFEST_FILENAME).chmod(0o644)
-    upload = ModelManifest.load(output_dir)  # validated as process.py will read it
-    upload.verify_files(output_dir)
+    _check_replaceable(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}-"))
+    try:
+        for name in graph.names:
+            _place(model_dir / name, staged / name)
+        upload = manifest.model_copy(
+            update={
+                "graphs": {precision: graph},
+                "serve": {"cuda": precision, "cpu": precision},
+                "files": {name: manifest.files[name] for name in graph.names},
+            }
+        )
+        (staged / MANIFEST_FILENAME).write_text(upload.model_dump_json(indent=1) + "\n")
+        (staged / MANIFEST_FILENAME).chmod(0o644)
+        upload = ModelManifest.load(staged)  # validated as process.py will read it
+        upload.verify_files(staged)
+        staged.chmod(0o755)  # mkdtemp's 0700 would hide the folder from the image's user
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        staged.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
     size = sum((output_dir / name).stat().st_size for name in graph.names)
     log.info("upload %s: the %s graph (%.1f MB) and its manifest", output_dir, precision, size / 1e6)
     return upload

@@ -178,6 +178,7 @@ def bench_stack(
     """Both paths from the same random weights on one stack, interleaved after a warm-up; medians per stack."""
     import process
     from training.export import PARITY_PATCHES, export_ensemble
+    from training.precision import REDUCED_PRECISIONS
     from training.synthetic import synthetic_figures
     from training.upload import folder_bytes, write_upload
 
@@ -204,6 +205,8 @@ def bench_stack(
             backbone=backbone,
             training_config={"bench": f"{BENCH_FOLDS} random LoRA rank-8 folds"},
             oof_metrics={},
+            # on a CPU every precision, fp16 for the upload included; on CUDA not int8, the CPU's graph
+            reduced_precisions=tuple(r for r in REDUCED_PRECISIONS if device == "cpu" or r.device == device),
         )
         del merged, ensemble
         model_bytes = {precision: manifest.size_bytes(model_dir, precision) for precision in manifest.graphs}

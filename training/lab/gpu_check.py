@@ -53,13 +53,21 @@ print(json.dumps({"pages": len(probs), "peak_bytes": torch.cuda.max_memory_alloc
 
 
 def onnxruntime_cuda() -> tuple[bool, str]:
-    """Whether ONNX Runtime can serve on this machine's GPU, and why not when it cannot."""
+    """Whether ONNX Runtime's CUDA provider loads on this machine (a one-node graph opened on it), and why not."""
     import onnxruntime as ort
+    from onnx import TensorProto, helper
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False, f"onnxruntime {ort.__version__} here has no CUDA provider (a CPU-only build)"
     if not torch.cuda.is_available():
         return False, "no GPU visible"
+    x, y = (helper.make_tensor_value_info(name, TensorProto.FLOAT, [1]) for name in "xy")
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    ort.set_default_logger_severity(4)  # a CUDA library that fails to load is reported below, in one line
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CUDAExecutionProvider"])
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        return False, f"onnxruntime {ort.__version__}'s CUDA provider did not load (its CUDA or cuDNN libraries)"
     return True, f"onnxruntime {ort.__version__} with its CUDA provider"
 
 

@@ -167,6 +167,41 @@ def _peak(device: str, precision: str, given: float | None) -> tuple[str, float 
     return hardware, None, "GPU's dense peak"
 
 
+def export_with_sizes(merged: list, pages: list[np.ndarray], backbone: str, device: str, folder: Path) -> dict:
+    """The merged folds exported to ``folder/model`` as ``training.export`` does (on a CPU every precision, the
+    upload's fp16 included; on CUDA not the CPU's int8), its upload to ``folder/upload``, and their sizes:
+    parameters per fold, each graph's bytes, the upload's bytes against three folds stored whole in fp16 (1.0
+    without sharing; 5/9 when the folds change only the attention, a third of a Virchow block)."""
+    from training.export import PARITY_PATCHES, export_ensemble
+    from training.precision import REDUCED_PRECISIONS
+    from training.synthetic import synthetic_figures
+    from training.upload import folder_bytes, write_upload
+
+    params_per_fold = sum(p.numel() for p in merged[0].parameters())
+    # the parity patches: the stack itself, and synthetic figures up to the export's count
+    extra = synthetic_figures(PARITY_PATCHES - len(pages), seed=11, n_slides=4)[0]
+    manifest = export_ensemble(
+        [m.cpu() for m in merged],
+        np.concatenate([np.stack(pages), extra]),
+        0.5,
+        folder / "model",
+        backbone=backbone,
+        training_config={"bench": f"{BENCH_FOLDS} random LoRA rank-8 folds"},
+        oof_metrics={},
+        reduced_precisions=tuple(r for r in REDUCED_PRECISIONS if device == "cpu" or r.device == device),
+    )
+    upload = write_upload(folder / "model", folder / "upload")  # what a GPU platform is handed
+    upload_bytes = folder_bytes(folder / "upload")
+    return {
+        "params_per_fold": params_per_fold,
+        "model_bytes": {precision: manifest.size_bytes(folder / "model", precision) for precision in manifest.graphs},
+        "upload_bytes": upload_bytes,
+        "upload_precision": next(iter(upload.graphs)),
+        "upload_vs_three_fp16_folds": upload_bytes / (BENCH_FOLDS * params_per_fold * 2),
+        "parity": {p: c.model_dump() for p, c in manifest.parity.items()},
+    }
+
+
 def bench_stack(
     device: str = "cpu",
     backbone: str = "tiny-virchow",
@@ -175,12 +210,9 @@ def bench_stack(
     cold_repeats: int = 3,
     peak_tflops: float | None = None,
 ) -> dict:
-    """Both paths from the same random weights on one stack, interleaved after a warm-up; medians per stack."""
+    """Both paths from the same random weights on one stack, interleaved after a warm-up, medians per stack; and
+    the sizes of the export and its upload (``export_with_sizes``)."""
     import process
-    from training.export import PARITY_PATCHES, export_ensemble
-    from training.precision import REDUCED_PRECISIONS
-    from training.synthetic import synthetic_figures
-    from training.upload import folder_bytes, write_upload
 
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: torch sees no GPU here")
@@ -188,30 +220,11 @@ def bench_stack(
     folds = peer_folds(BENCH_BACKBONES[backbone], torch.device(device))
     preprocess = Preprocess.for_backbone(folds[0].get_base_model().backbone).to(device)
     merged = [copy.deepcopy(fold).merge_and_unload().eval() for fold in folds]
-    params_per_fold = sum(p.numel() for p in merged[0].parameters())
-    ensemble = Ensemble(Preprocess.for_backbone(merged[0].backbone), merged).eval()
-    gflops = stack_gflops(ensemble, pages)
-
-    # the parity patches: the stack itself, and synthetic figures up to the export's count
-    extra = synthetic_figures(PARITY_PATCHES - len(pages), seed=11, n_slides=4)[0]
-    parity_pixels = np.concatenate([np.stack(pages), extra])
+    gflops = stack_gflops(Ensemble(Preprocess.for_backbone(merged[0].backbone), merged).eval(), pages)
     with tempfile.TemporaryDirectory(prefix="bench-model-") as tmp:
+        sizes = export_with_sizes(merged, pages, backbone, device, Path(tmp))
+        del merged
         model_dir = Path(tmp) / "model"
-        manifest = export_ensemble(
-            [m.cpu() for m in merged],
-            parity_pixels,
-            0.5,
-            model_dir,
-            backbone=backbone,
-            training_config={"bench": f"{BENCH_FOLDS} random LoRA rank-8 folds"},
-            oof_metrics={},
-            # on a CPU every precision, fp16 for the upload included; on CUDA not int8, the CPU's graph
-            reduced_precisions=tuple(r for r in REDUCED_PRECISIONS if device == "cpu" or r.device == device),
-        )
-        del merged, ensemble
-        model_bytes = {precision: manifest.size_bytes(model_dir, precision) for precision in manifest.graphs}
-        upload = write_upload(model_dir, Path(tmp) / "upload")  # what a GPU platform is handed
-        upload_bytes = folder_bytes(Path(tmp) / "upload")
         ours = process.OnnxEnsemble(model_dir, device)
         fp32 = process.OnnxEnsemble(model_dir, device, precision="fp32")
         paths = {
@@ -233,13 +246,7 @@ def bench_stack(
         "peer_s_per_stack": seconds["peer"],
         "ours_s_per_stack": seconds["ours"],
         "cold_start_s": cold["cold_start_s"],
-        "params_per_fold": params_per_fold,
-        "model_bytes": model_bytes,
-        "upload_bytes": upload_bytes,
-        "upload_precision": next(iter(upload.graphs)),
-        # the upload against three folds stored whole in fp16: 1.0 without sharing, 5/9 when the attention is all
-        # that the folds change (a third of a Virchow block)
-        "upload_vs_three_fp16_folds": upload_bytes / (BENCH_FOLDS * params_per_fold * 2),
+        **{key: value for key, value in sizes.items() if key != "parity"},
         "gflops_per_stack": gflops,
         "achieved_tflops": gflops / seconds["ours"] / 1e3,
         "speedup_vs_peer": seconds["peer"] / seconds["ours"],
@@ -251,7 +258,7 @@ def bench_stack(
         "peak_source": peak_source if peak else None,
         "hardware_limit_s_per_stack": gflops / peak / 1e3 if peak else None,
         "max_abs_dp_ours_vs_peer": float(np.abs(answers["ours"] - answers["peer"]).max()),
-        "parity": {p: c.model_dump() for p, c in manifest.parity.items()},
+        "parity": sizes["parity"],
         "pages": len(pages),
         "repeats": repeats,
         "hardware": hardware,

@@ -106,8 +106,8 @@ def unshare_weights(graph: onnx.GraphProto, op_types: tuple[str, ...]) -> int:
     return copies
 
 
-def save(model: onnx.ModelProto, path: Path) -> GraphFiles:
-    """Write ``path`` and its weights to ``<path>.data`` (replacing both), check it; returns the files written."""
+def save(model: onnx.ModelProto, path: Path) -> None:
+    """Write ``path`` and its weights to ``<path>.data`` (replacing both), and check it."""
     data = path.with_name(f"{path.name}.data")
     path.unlink(missing_ok=True)
     data.unlink(missing_ok=True)  # onnx appends to an existing external-data file
@@ -120,7 +120,6 @@ def save(model: onnx.ModelProto, path: Path) -> GraphFiles:
         size_threshold=EXTERNAL_DATA_MIN_BYTES,
     )
     onnx.checker.check_model(str(path))
-    return graph_files(path)
 
 
 def compact(path: Path) -> int:

@@ -72,7 +72,7 @@ def write_upload(model_dir: Path, output_dir: Path, device: Device = "cuda") -> 
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
-    size = sum((output_dir / name).stat().st_size for name in graph.names)
+    size = upload.size_bytes(output_dir, precision)
     log.info("upload %s: the %s graph (%.1f MB) and its manifest", output_dir, precision, size / 1e6)
     return upload
 

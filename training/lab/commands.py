@@ -174,6 +174,17 @@ def _add_scoring_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_score)
 
 
+def _add_device_and_backbone(p: argparse.ArgumentParser, device: str, backbone: str) -> None:
+    """The benchmarks' device and model: Virchow's blocks at three sizes, random weights (bench.BENCH_BACKBONES)."""
+    p.add_argument("--device", choices=("cpu", "cuda"), default=device)
+    p.add_argument(
+        "--backbone",
+        choices=("tiny-virchow", "vit-base", "virchow-size"),
+        default=backbone,
+        help="Virchow's blocks, random weights: a few small ones, ViT-B size, Virchow's 632M",
+    )
+
+
 def _add_experiment_commands(sub: argparse._SubParsersAction) -> None:
     """The lab's grids and benchmarks: experiment, cold-start, bench, bench-train."""
     p = sub.add_parser("experiment", help="train, measure and report a grid of runs (training/configs/experiments)")
@@ -194,13 +205,7 @@ def _add_experiment_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cold_start)
 
     p = sub.add_parser("bench", help="one stack: ours (merged, one ONNX graph, as process.py serves) against the peer")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument(
-        "--backbone",
-        choices=("tiny-virchow", "vit-base", "virchow-size"),
-        default="tiny-virchow",
-        help="Virchow's blocks, random weights: a few small ones, ViT-B size, Virchow's 632M",
-    )
+    _add_device_and_backbone(p, "cpu", "tiny-virchow")
     p.add_argument("--input", type=Path, default=Path("test/input"), help="case folder (default: test/input)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--peak-tflops", type=float, help="the device's peak, where the built-in GPU table lacks it")
@@ -208,8 +213,7 @@ def _add_experiment_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("bench-train", help="LoRA training steps: bf16 + fused attention + checkpointing vs naive")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--backbone", choices=("tiny-virchow", "vit-base", "virchow-size"), default="tiny-virchow")
+    _add_device_and_backbone(p, "cpu", "tiny-virchow")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=5, help="timed steps per recipe, after one warm-up step each")
     p.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for MFU where not built in")
@@ -217,8 +221,7 @@ def _add_experiment_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_bench_train)
 
     p = sub.add_parser("gpu-check", help="the Virchow-size ensemble on one GPU: serving, peer, cold start, VRAM, MFU")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
-    p.add_argument("--backbone", choices=("tiny-virchow", "vit-base", "virchow-size"), default="virchow-size")
+    _add_device_and_backbone(p, "cuda", "virchow-size")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--train-batch-size", type=int, default=32, help="LoRA training steps' batch")
     p.add_argument("--json", type=Path, help="also write the figures here")

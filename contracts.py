@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 INPUT_INTERFACE = "stacked-histopathology-roi-cropouts"
 ANSWER_FILENAME = "multiple-mitotic-figure-classification.json"
 MANIFEST_FILENAME = "manifest.json"
-MANIFEST_FORMAT_VERSION = 3  # 3: each graph names its external-data files; a folder may hold only what it serves
+# 3: each graph names its external-data files; a folder may hold only what it serves. 4: the runs it averages
+MANIFEST_FORMAT_VERSION = 4
 ONNX_INPUT = "pixels"  # uint8 [N, H, W, 3], RGB, any H and W: the graph resizes and normalizes
 ONNX_OUTPUT = "prob_atypical"  # float32 [N], mean over folds of sigmoid(logit)
 MAX_PAGES = 16  # the challenge stacks 1..16 figures per case
@@ -149,6 +150,19 @@ class GraphFiles(BaseModel):
         return [self.file, *self.external_data]
 
 
+class EnsembleMember(BaseModel):
+    """One training run whose folds the ensemble averages: its folder's name, backbone, fold count, resolved
+    config and its own out-of-fold figures (at its own threshold)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run: str
+    backbone: str
+    folds: int = Field(ge=1)
+    training_config: dict[str, Any]
+    oof_metrics: dict[str, float | None] = Field(description="None where undefined, e.g. AUC with one class")
+
+
 class ModelManifest(BaseModel):
     """``model/manifest.json``: what the exported ensemble is, how to call it, and where it came from.
 
@@ -157,14 +171,15 @@ class ModelManifest(BaseModel):
     serves. ``serve`` says which graph each device runs; ``parity`` records every reduced-precision graph's check
     against fp32, refused ones included. ``files`` lists exactly the graphs' files, each with its sha256 (an
     upload holds nothing else besides the manifest); a run verifies only the files of the graph it loads
-    (``verify_graph``).
+    (``verify_graph``). ``members`` are the runs whose folds the graph averages, every fold weighing the same;
+    ``backbone`` and ``folds`` sum them up, ``oof_metrics`` are the combined out-of-fold figures at ``threshold``.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    format_version: Literal[3] = MANIFEST_FORMAT_VERSION
-    backbone: str
-    folds: int = Field(ge=1)
+    format_version: Literal[4] = MANIFEST_FORMAT_VERSION
+    backbone: str = Field(description="the members' backbones, ' + ' between them")
+    folds: int = Field(ge=1, description="every member's folds together")
     threshold: float = Field(ge=0.0, le=1.0)
     pixel_size_um: float | None = Field(
         None,
@@ -178,7 +193,7 @@ class ModelManifest(BaseModel):
     input_name: Literal["pixels"] = ONNX_INPUT
     output_name: Literal["prob_atypical"] = ONNX_OUTPUT
     files: dict[str, str] = Field(description="file name relative to the model folder -> sha256")
-    training_config: dict[str, Any]
+    members: list[EnsembleMember] = Field(min_length=1)
     oof_metrics: dict[str, float | None] = Field(description="None where undefined, e.g. AUC with one class")
     created_utc: str
 
@@ -196,6 +211,8 @@ class ModelManifest(BaseModel):
             raise ValueError(f"graph file(s) {unlisted} have no checksum in files")
         if orphans := sorted(set(self.files) - named):
             raise ValueError(f"files {orphans} belong to no graph")
+        if self.folds != sum(m.folds for m in self.members):
+            raise ValueError(f"folds is {self.folds}, the members' add up to {sum(m.folds for m in self.members)}")
         return self
 
     def graph_for(self, device: Device) -> tuple[Precision, GraphFiles]:

@@ -107,7 +107,7 @@ def red_mean_model(model_dir: Path, pixel_size_um: float | None = None) -> Path:
     import torch
     from torch import nn
 
-    from contracts import ModelManifest, sha256_of
+    from contracts import EnsembleMember, ModelManifest, sha256_of
     from training.export import export_onnx
     from training.model import Ensemble
     from training.onnx_weights import graph_files
@@ -130,7 +130,7 @@ def red_mean_model(model_dir: Path, pixel_size_um: float | None = None) -> Path:
         pixel_size_um=pixel_size_um,
         graphs={"fp32": graph},
         files=files,
-        training_config={},
+        members=[EnsembleMember(run="red-mean", backbone="red-mean", folds=2, training_config={}, oof_metrics={})],
         oof_metrics={},
         created_utc="2026-01-01T00:00:00+00:00",
     )

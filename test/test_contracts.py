@@ -109,7 +109,9 @@ def _manifest(tmp_path, **overrides):
         "threshold": 0.4,
         "graphs": graphs,
         "files": _checksums(tmp_path, graphs),
-        "training_config": {},
+        "members": [
+            {"run": "r", "backbone": "tiny-virchow", "folds": 3, "training_config": {}, "oof_metrics": {}},
+        ],
         "oof_metrics": {"balanced_accuracy": 0.8},
         "created_utc": "2026-01-01T00:00:00+00:00",
     }

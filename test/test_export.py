@@ -130,7 +130,7 @@ def test_export_refuses_a_run_with_unfinished_folds(demo_run, tmp_path):
     run = shutil.copytree(demo_run["run"], tmp_path / "run")
     (run / "fold_1" / "best.json").unlink()  # as a killed fold job leaves it
     with pytest.raises(ValueError, match=r"fold\(s\) \[1\] have not finished"):
-        export_run(run, tmp_path / "model")
+        export_run([run], tmp_path / "model")
     assert not (tmp_path / "model").exists()
 
 
@@ -218,7 +218,7 @@ def test_reduced_precisions_that_fail_parity_are_refused_and_recorded(demo_run, 
 
     exact = tuple(dataclasses.replace(r, max_dp=0.0) for r in export.REDUCED_PRECISIONS)  # none can be that exact
     monkeypatch.setattr(export, "REDUCED_PRECISIONS", exact)
-    manifest = export.export_run(demo_run["run"], tmp_path / "model")
+    manifest = export.export_run([demo_run["run"]], tmp_path / "model")
     assert list(manifest.graphs) == ["fp32"] and manifest.serve == {"cuda": "fp32", "cpu": "fp32"}
     assert manifest.graphs["fp32"].names == ["ensemble.onnx", "ensemble.onnx.data"]
     for precision in ("fp16", "int8"):

@@ -59,7 +59,7 @@ def test_probe_moves_a_known_model_as_each_rendering_should(dataset, tmp_path):
     model = red_mean_model(tmp_path / "model", pixel_size_um=0.23)
     results = probe(model, dataset)
     assert list(results) == [r.name for r in RENDERINGS]
-    figures, pixels, sizes = figures_to_score(dataset)
+    figures, pixels, sizes, _ = figures_to_score(dataset)
     # as scanned: each figure resampled from its scanner's pixel size to the model's 0.23 um/px, its mean red
     red = at_pixel_size(figures, pixels, 0.23)[..., 0].mean(axis=(1, 2)) / 255
     scanned = results["as scanned"]

@@ -112,8 +112,8 @@ def test_other_modes_train_and_export(small_data, tmp_path, mode, options):
     assert 0 <= summary["oof"]["balanced_accuracy"] <= 1
     assert (tmp_path / "run" / "fold_0" / "weights.safetensors").is_file()
     assert not (tmp_path / "run" / "fold_0" / "adapter").exists()
-    manifest = export_run(tmp_path / "run", tmp_path / "model")
-    assert manifest.training_config["mode"] == mode
+    manifest = export_run([tmp_path / "run"], tmp_path / "model")
+    assert manifest.members[0].training_config["mode"] == mode
 
 
 def test_linear_probe_leaves_the_backbone_untouched(small_data, tmp_path):
@@ -163,7 +163,7 @@ def test_d4_test_time_augmentation_from_training_to_the_served_graph(small_data,
     best = json.loads((tmp_path / "run" / "fold_1" / "best.json").read_text())
     assert set(best["tta"]) == {"balanced_accuracy", "roc_auc"}
 
-    export_run(tmp_path / "run", tmp_path / "model")
+    export_run([tmp_path / "run"], tmp_path / "model")
     session = ort.InferenceSession(str(tmp_path / "model" / "ensemble.onnx"), providers=["CPUExecutionProvider"])
     pages = pixels[:6]
     served = session.run(None, {"pixels": pages})[0]
@@ -341,7 +341,7 @@ def test_training_and_serving_resample_each_scanner_to_one_pixel_size(small_data
     assert np.array_equal(trained_on["pixels"][aperio], resample_to_pixel_size(decoded[aperio], 0.25, 0.23))
     assert not np.array_equal(trained_on["pixels"][aperio], decoded[aperio])
 
-    manifest = export_run(tmp_path / "run", tmp_path / "model")
+    manifest = export_run([tmp_path / "run"], tmp_path / "model")
     assert manifest.pixel_size_um == 0.23
     predict_folder(tmp_path / "model", small_data, tmp_path / "preds.csv", device="cpu", scanners=["Aperio CS2"])
     with (tmp_path / "preds.csv").open() as f:

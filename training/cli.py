@@ -14,9 +14,12 @@ log = logging.getLogger("training")
 
 
 def _synth(args: argparse.Namespace) -> None:
-    from training.synthetic import write_midog25
+    from training.synthetic import write_atnorm, write_midog25
 
-    write_midog25(args.output, n=args.n, seed=args.seed, n_slides=args.slides)
+    if args.layout == "atnorm":
+        write_atnorm(args.output, n=args.n, seed=args.seed)
+    else:
+        write_midog25(args.output, n=args.n, seed=args.seed, n_slides=args.slides)
 
 
 def _case(args: argparse.Namespace) -> None:
@@ -36,13 +39,19 @@ def _train(args: argparse.Namespace) -> None:
         overrides["hold_out_scanners"] = args.hold_out_scanner
     cfg = load_config(args.config, overrides)
     folds = [args.fold] if args.fold is not None else None
-    train_run(cfg, args.data_root, args.output, folds=folds, cache_dir=args.cache_dir)
+    summary = train_run(cfg, args.data_root, args.output, folds=folds, cache_dir=args.cache_dir)
+    if args.external and summary is not None:  # the run is finished: its threshold is fixed
+        from training.external import score_run_externally
+
+        score_run_externally(args.output, args.external)
+    elif args.external:
+        log.info("external sets are scored once every fold has finished (rerun the command then)")
 
 
 def _export(args: argparse.Namespace) -> None:
     from training.export import export_run
 
-    export_run(args.run_dir, args.output, args.fold, parity_patches=args.parity_patches)
+    export_run(args.run_dirs, args.output, args.fold, parity_patches=args.parity_patches)
 
 
 def _positive_int(text: str) -> int:
@@ -59,11 +68,13 @@ def _upload(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
+    from training.evaluate import table
     from training.predict import predict_folder
 
-    predict_folder(
+    result = predict_folder(
         args.model_dir, args.data_root, args.output, device=args.device, precision=args.precision, scanners=args.scanner
     )
+    print(table(result))  # the figures at the model's threshold, as evaluate prints them for this CSV
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -74,8 +85,11 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     """The dataset and a case: synth, case."""
-    p = sub.add_parser("synth", help="write a synthetic dataset in the MIDOG25 layout")
+    p = sub.add_parser("synth", help="write a synthetic dataset in the MIDOG25 (or AtNorM) layout")
     p.add_argument("--output", type=Path, required=True)
+    p.add_argument(
+        "--layout", choices=("midog25", "atnorm"), default="midog25", help="atnorm: an unseen lab's folder, to score"
+    )
     p.add_argument("--n", type=int, default=600, help="number of figures")
     p.add_argument("--slides", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
@@ -103,6 +117,14 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--output", type=Path, required=True, help="run folder")
     p.add_argument("--cache-dir", type=Path, help="keep the decoded patches here between runs")
+    p.add_argument(
+        "--external",
+        type=Path,
+        nargs="+",
+        metavar="DIR",
+        help="dataset folders of labs never trained on (e.g. AtNorM-Br): once the run has finished, its ensemble is "
+        "exported and scored on each, as served; figures in summary.json, predictions in RUN/external/",
+    )
     p.add_argument("--fold", type=int, help="train only this fold (folds as independent jobs)")
     p.add_argument("--epochs", type=int, help="train this many epochs instead of the config's length (epochs or steps)")
     p.add_argument("--seed", type=int, help="override the config's seed (run-to-run spread)")
@@ -116,9 +138,17 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("export", help="merge each fold's adapter and export one ONNX ensemble + manifest")
-    p.add_argument("run_dir", type=Path)
+    p.add_argument(
+        "run_dirs",
+        type=Path,
+        nargs="+",
+        metavar="RUN_DIR",
+        help="a run, or several trained on the same folds: one graph",
+    )
     p.add_argument("--output", type=Path, required=True, help="model folder")
-    p.add_argument("--fold", type=int, action="append", help="export only this fold (repeat for more); default all")
+    p.add_argument(
+        "--fold", type=int, action="append", help="of one run, export only this fold (repeat for more); default all"
+    )
     p.add_argument(
         "--parity-patches",
         type=_positive_int,

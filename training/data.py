@@ -6,6 +6,13 @@
   label from ``majority_atypical``. Its MIDOG21 figures are MIDOG25's human-breast figures: merged tables drop
   them, matched on (slide, coordinates).
 - OMG-Octo: ``OMG-Octo.csv`` (``image_id, filename, majority``) + ``images/<image_id>``.
+- AtNorM (the AMi-Br benchmark's external sets, AtNorM-Br and others): ``Atypical/*.png`` and ``Normal/*.png``,
+  the label from the folder, and optionally one CSV of expert votes (``Filename, Expert_1..Expert_N, Majority``)
+  beside them. No slide, scanner or pixel size is given: each crop is its own group, its pixel size
+  ``ATNORM_PIXEL_SIZE_UM``.
+
+Any table may hold pixel-identical crops under two ids (AtNorM-Br does): ``unique_figures`` counts each crop once
+and leaves out, by name, the crops filed under both classes.
 
 Every loader checks its table and names the bad rows; exact duplicate rows (the real OMG-Octo CSV has some) are
 dropped with a warning, conflicting ones are an error. Patches are decoded once into one uint8 array.
@@ -59,6 +66,12 @@ AMIBR_COLUMNS = (
 )
 OMG_OCTO_CSV = "OMG-Octo.csv"
 OMG_OCTO_COLUMNS = ("image_id", "filename", "majority")
+ATNORM_CLASSES = {"Atypical": 1, "Normal": 0}  # folder -> label
+# Votes as the AtNorM CSV may write them: a class name, AMF/NMF or a 0/1 flag
+ATNORM_VOTES = {"atypical": 1, "normal": 0, "amf": 1, "nmf": 0, "1": 1, "0": 0, "true": 1, "false": 0}
+# AtNorM states no pixel size. Its crops come from TCGA's 40x scans (Aperio scanners, 0.246-0.253 um/px), and
+# the unseen-lab protocol serves them as cases that record 0.25 um/px.
+ATNORM_PIXEL_SIZE_UM = 0.25
 LABELS = {"NMF": 0, "AMF": 1}
 BOOLEANS = {"True": 1, "False": 0, "true": 1, "false": 0, "1": 1, "0": 0}
 PATCH_SIZE = 128
@@ -88,6 +101,12 @@ class Figure:
     votes: tuple[int, ...] = ()  # each expert's call, 1 = atypical; empty where the source gives none
     source: str = "MIDOG25"
     coordinates: tuple[int, int] | None = None
+    pixel_size_um: float | None = None  # where the source states it per figure; else its scanner's
+
+    @property
+    def domain(self) -> str:
+        """What a figure's scores are grouped by: its scanner where known, else its origin (an AtNorM lab)."""
+        return self.scanner if self.scanner != UNKNOWN else self.origin
 
     @property
     def soft_label(self) -> float:
@@ -229,6 +248,70 @@ def read_omg_octo(root: Path) -> list[Figure]:
     ]
 
 
+def _atnorm_votes(root: Path) -> dict[str, tuple[tuple[int, ...], int]]:
+    """The optional votes CSV: ``Class/file.png`` (or the bare file name, where it names one crop) -> (each
+    expert's vote, the majority). Empty without a CSV; more than one CSV is an error."""
+    tables = sorted(root.glob("*.csv"))
+    if not tables:
+        return {}
+    if len(tables) > 1:
+        raise DataError(f"{root}: more than one CSV ({', '.join(t.name for t in tables)}); keep the votes table only")
+    with tables[0].open(newline="") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        experts = [c for c in columns if re.fullmatch(r"Expert_\d+", c)]
+        if "Filename" not in columns or "Majority" not in columns or not experts:
+            raise DataError(f"{tables[0]}: want columns Filename, Expert_1..Expert_N, Majority (got {columns})")
+        rows = list(reader)
+    votes, bad = {}, []
+    for i, row in enumerate(rows):
+        calls = [ATNORM_VOTES.get(row[e].strip().lower()) for e in experts if row[e].strip()]
+        majority = ATNORM_VOTES.get(row["Majority"].strip().lower())
+        if majority is None or None in calls:
+            bad.append(f"row {i + 2}")
+        else:
+            votes[row["Filename"].strip()] = (tuple(calls), majority)
+    if bad:
+        raise DataError(f"{tables[0]}: votes other than {sorted(ATNORM_VOTES)} at {', '.join(bad[:5])}")
+    return votes
+
+
+def read_atnorm(root: Path) -> list[Figure]:
+    """An AtNorM folder: the label from the class folder, the votes (where a CSV gives them) checked against it."""
+    votes = _atnorm_votes(root)
+    files = [
+        (name, label, path) for name, label in ATNORM_CLASSES.items() for path in sorted((root / name).glob("*.png"))
+    ]
+    bare = {}
+    for _, _, path in files:
+        bare[path.name] = bare.get(path.name, 0) + 1
+    figures, disagree = [], []
+    for folder, label, path in files:
+        key = f"{folder}/{path.name}"
+        calls, majority = votes.get(key) or (votes.get(path.name) if bare[path.name] == 1 else None) or ((), label)
+        if majority != label:
+            disagree.append(key)
+        figures.append(
+            Figure(
+                image_id=f"{root.name}:{key}",
+                path=path,
+                label=label,
+                slide=f"{root.name}:{key}",  # no slide is given: a crop is its own group
+                tumor=UNKNOWN,
+                scanner=UNKNOWN,
+                origin=root.name,
+                votes=calls,
+                source="AtNorM",
+                pixel_size_um=ATNORM_PIXEL_SIZE_UM,
+            )
+        )
+    if disagree:
+        raise DataError(f"{root}: the votes' majority contradicts the class folder for {', '.join(disagree[:5])}")
+    if not figures:
+        raise DataError(f"{root}: no PNG crops in {' or '.join(f'{c}/' for c in ATNORM_CLASSES)}")
+    return figures
+
+
 READERS: dict[str, tuple[str, Callable[[Path], list[Figure]]]] = {
     "MIDOG25": (MIDOG25_CSV, read_midog25),
     "AMi-Br": (AMIBR_CSV, read_amibr),
@@ -237,12 +320,17 @@ READERS: dict[str, tuple[str, Callable[[Path], list[Figure]]]] = {
 
 
 def read_dataset(root: Path) -> list[Figure]:
-    """Any one of the three layouts, recognized by its CSV."""
+    """Any one of the layouts: the three tables recognized by their CSV, AtNorM by its class folders."""
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder")
     for csv_name, reader in READERS.values():
         if (root / csv_name).is_file():
             return reader(root)
+    if all((root / name).is_dir() for name in ATNORM_CLASSES):
+        return read_atnorm(root)
     names = ", ".join(csv_name for csv_name, _ in READERS.values())
-    raise DataError(f"{root}: no dataset table here (looked for {names})")
+    folders = " and ".join(f"{c}/" for c in ATNORM_CLASSES)
+    raise DataError(f"{root}: no dataset table here (looked for {names}, or AtNorM's {folders})")
 
 
 def read_datasets(roots: list[Path]) -> list[Figure]:
@@ -261,8 +349,9 @@ def on_scanners(figures: list[Figure], scanners: list[str]) -> list[bool]:
 
 
 def scanner_pixel_sizes(figures: list[Figure]) -> list[float | None]:
-    """Each figure's micrometres per pixel, from its scanner (None for a scanner SCANNER_PIXEL_SIZE_UM lacks)."""
-    return [SCANNER_PIXEL_SIZE_UM.get(f.scanner) for f in figures]
+    """Each figure's micrometres per pixel: its own where the source states it, else its scanner's (None for a
+    scanner SCANNER_PIXEL_SIZE_UM lacks)."""
+    return [f.pixel_size_um or SCANNER_PIXEL_SIZE_UM.get(f.scanner) for f in figures]
 
 
 def at_pixel_size(figures: list[Figure], pixels: np.ndarray, target_um: float) -> np.ndarray:
@@ -347,3 +436,44 @@ def decode_figures(figures: list[Figure], cache_dir: Path | None = None) -> np.n
         np.save(tmp, pixels)
         os.replace(tmp, cached)
     return pixels
+
+
+@dataclass(frozen=True)
+class Duplicates:
+    """Pixel-identical crops in one table: ``copies``, the extra ids of crops whose ids agree on the label (each
+    such crop is counted once); ``conflicting``, the ids of each crop filed under both classes (left out: no
+    label is right)."""
+
+    copies: list[str]
+    conflicting: list[list[str]]
+
+    @property
+    def left_out(self) -> int:
+        return sum(len(ids) for ids in self.conflicting)
+
+    def describe(self) -> str:
+        named = "; ".join(" = ".join(ids) for ids in self.conflicting[:3])
+        return (
+            f"{len(self.copies)} pixel-identical copies counted once; {len(self.conflicting)} crop(s) filed under "
+            f"both classes, their {self.left_out} ids left out{': ' + named if named else ''}"
+        )
+
+
+def unique_figures(figures: list[Figure], pixels: np.ndarray) -> tuple[list[Figure], np.ndarray, Duplicates]:
+    """Each distinct crop once, in table order: the first of its ids where all its ids agree on the label, none of
+    them where they do not. Crops are compared by their decoded pixels (a PNG re-encoded is still the same crop)."""
+    groups: dict[bytes, list[int]] = {}
+    for i in range(len(figures)):
+        groups.setdefault(hashlib.sha256(pixels[i].tobytes()).digest(), []).append(i)
+    keep, copies, conflicting = [], [], []
+    for members in groups.values():
+        if len({figures[i].label for i in members}) > 1:
+            conflicting.append([figures[i].image_id for i in members])
+        else:
+            keep.append(members[0])
+            copies += [figures[i].image_id for i in members[1:]]
+    keep.sort()
+    duplicates = Duplicates(copies, conflicting)
+    if copies or conflicting:
+        log.info("%s", duplicates.describe())
+    return [figures[i] for i in keep], pixels[keep], duplicates

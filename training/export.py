@@ -8,6 +8,11 @@ as it was is the base's own tensor again. Then ``Preprocess -> folds -> mean(sig
 (``onnx_weights.compact``), checked with ``onnx.checker`` and against PyTorch in ONNX Runtime, and described by
 ``manifest.json``.
 
+Several runs export as one graph too (``export RUN_A RUN_B ...``): every fold of every run averaged, each run
+behind its own preprocessing, at one threshold chosen on the runs' combined out-of-fold predictions. The runs must
+share their folds (``splits.json``), so that each figure's combined prediction is out-of-fold for every member,
+and their pixel size (pages are resampled to one before the graph).
+
 Reduced precisions, each behind a parity guard against the fp32 graph on real patches, on the provider that
 would serve it: fp16 for CUDA (max |dp| <= 1e-3, every class the same) and int8 for the CPU (ONNX Runtime's
 dynamic quantization of the MatMul weights; max |dp| <= 0.02, classes agree on >= 99%). A graph outside its
@@ -36,6 +41,7 @@ from contracts import (
     ONNX_INPUT,
     ONNX_OUTPUT,
     Device,
+    EnsembleMember,
     ModelManifest,
     ParityCheck,
     Precision,
@@ -45,9 +51,9 @@ from training import onnx_weights
 from training.adapt import load_fold_model
 from training.config import load_run_config
 from training.data import decode_figures, read_datasets
-from training.model import Classifier, Ensemble, classifier_for, preprocess_for
+from training.metrics import choose_threshold, read_rows, summarize
+from training.model import Classifier, CrossRunEnsemble, Ensemble, classifier_for, preprocess_for
 from training.precision import REDUCED_PRECISIONS, ReducedPrecision, add_reduced_precisions
-from training.preprocess import Preprocess, Standardize
 from training.run import RunFolder
 from training.synthetic import synthetic_figures
 
@@ -148,26 +154,24 @@ def compare_with_torch(ensemble: Ensemble, onnx_path: Path, batches: list[np.nda
 
 
 def export_ensemble(
-    folds: list[Classifier],
+    members: list[Ensemble],
     parity_pixels: np.ndarray,
     threshold: float,
     output_dir: Path,
     *,
-    backbone: str,
-    training_config: dict,
+    records: list[EnsembleMember],
     oof_metrics: dict[str, float | None],
     reduced_precisions: tuple[ReducedPrecision, ...] | None = None,
-    tta: bool = False,
     pixel_size_um: float | None = None,
-    standardize: Standardize = "none",
 ) -> ModelManifest:
-    """Merged folds -> the model folder ``process.py`` serves: fp32 graph (with ``tta``, averaging the 8 D4
-    orientations), reduced precisions (all of ``REDUCED_PRECISIONS`` by default) that pass their parity checks on
-    ``parity_pixels`` (real patches), manifest with checksums. Replaces an earlier export. Consumes ``folds``:
-    the list is emptied once the fp32 graph is checked, so that a caller holding no other reference frees the
-    PyTorch weights before the reduced precisions are written (at Virchow size they would not fit beside them)."""
-    n_folds = len(folds)
-    ensemble = Ensemble(Preprocess.for_backbone(folds[0].backbone, standardize), folds, tta=tta).eval()
+    """One run's ensemble (or several, averaged fold by fold) -> the model folder ``process.py`` serves: fp32
+    graph, reduced precisions (all of ``REDUCED_PRECISIONS`` by default) that pass their parity checks on
+    ``parity_pixels`` (real patches), manifest with checksums, ``records`` describing the members. Replaces an
+    earlier export. Consumes ``members``: the list is emptied once the fp32 graph is checked, so that a caller
+    holding no other reference frees the PyTorch weights before the reduced precisions are written (at Virchow
+    size they would not fit beside them)."""
+    n_folds = sum(len(m.folds) for m in members)
+    ensemble = (members[0] if len(members) == 1 else CrossRunEnsemble(members)).eval()
     pixels = spread_sample(parity_pixels)
     # a single page and an odd page size exercise the dynamic axes and the in-graph resize
     odd = np.pad(pixels[:2], ((0, 0), (0, 72), (0, 22), (0, 0)), mode="reflect")
@@ -184,7 +188,7 @@ def export_ensemble(
         worst = compare_with_torch(ensemble, staged, batches)
         log.info("ONNX Runtime vs PyTorch: max |dp| %.2e over %d batches", worst, len(batches))
         del ensemble
-        folds.clear()
+        members.clear()
         reduced = REDUCED_PRECISIONS if reduced_precisions is None else reduced_precisions
         add_reduced_precisions(staged, parity_pixels, threshold, reduced, graphs, serve, parity)
         described = {precision: onnx_weights.graph_files(staged.with_name(f)) for precision, f in graphs.items()}
@@ -196,7 +200,7 @@ def export_ensemble(
             (output_dir / name).chmod(0o644)  # the container reads them as another, non-root user
 
     manifest = ModelManifest(
-        backbone=backbone,
+        backbone=" + ".join(dict.fromkeys(r.backbone for r in records)),
         folds=n_folds,
         threshold=threshold,
         pixel_size_um=pixel_size_um,
@@ -204,7 +208,7 @@ def export_ensemble(
         serve=serve,
         parity=parity,
         files={name: sha256_of(output_dir / name) for name in files},
-        training_config=training_config,
+        members=records,
         oof_metrics=oof_metrics,
         created_utc=datetime.now(UTC).isoformat(timespec="seconds"),
     )
@@ -213,7 +217,7 @@ def export_ensemble(
     log.info(
         "exported %d folds of %s to %s (threshold %.4f; served: %s)",
         n_folds,
-        backbone,
+        manifest.backbone,
         output_dir,
         threshold,
         ", ".join(f"{d} {p}" for d, p in serve.items()),
@@ -221,36 +225,86 @@ def export_ensemble(
     return manifest
 
 
+def _finite(figures: dict[str, float]) -> dict[str, float | None]:
+    return {k: float(v) if math.isfinite(v) else None for k, v in figures.items()}
+
+
+def _same_folds_and_pixel_size(runs: list[RunFolder]) -> None:
+    """Runs that can share one graph and one threshold: the same folds, the same pixel size. ValueError if not."""
+    first, first_cfg = runs[0], load_run_config(runs[0])
+    for run in runs[1:]:
+        if run.read_val_ids() != first.read_val_ids():
+            raise ValueError(
+                f"{run.path}: its splits.json differs from {first.path}'s; runs ensembled together must be trained "
+                "on the same folds (the same data, split and seed)"
+            )
+        if (size := load_run_config(run).pixel_size_um) != first_cfg.pixel_size_um:
+            raise ValueError(
+                f"{run.path}: trained at {size} um/px, {first.path} at {first_cfg.pixel_size_um}: one graph serves "
+                "one pixel size"
+            )
+
+
+def combined_out_of_fold(runs: list[RunFolder]) -> tuple[float, dict[str, float | None]]:
+    """The runs' out-of-fold predictions averaged figure by figure, each run weighted by its fold count as in the
+    graph; the threshold chosen there and its figures. One run: its own ``summary.json``'s."""
+    if len(runs) == 1:
+        summary = runs[0].read_summary()
+        return summary["threshold"], _finite(summary["oof"])
+    tables = [{r["image_id"]: r for r in read_rows(run.oof)} for run in runs]
+    weights = np.array([load_run_config(run).folds for run in runs], dtype=np.float64)
+    ids = list(tables[0])
+    labels = np.array([int(tables[0][i]["label"]) for i in ids])
+    probs = np.array([[float(t[i]["prob_atypical"]) for i in ids] for t in tables])
+    combined = weights @ probs / weights.sum()
+    threshold = choose_threshold(labels, combined)
+    return threshold, _finite(summarize(labels, combined, threshold))
+
+
 def export_run(
-    run_dir: Path, output_dir: Path, folds: list[int] | None = None, parity_patches: int | None = None
+    run_dirs: list[Path], output_dir: Path, folds: list[int] | None = None, parity_patches: int | None = None
 ) -> ModelManifest:
-    """Every fold of the run (or only ``folds``: one leave-one-scanner-out fold, say, to serve it on the scanner it
-    never saw), at the threshold chosen on the run's pooled out-of-fold predictions. ``parity_patches``: how many
-    real patches the reduced precisions are checked on (default ``PARITY_PATCHES``; the manifest records it)."""
+    """Every fold of the runs (or, of one run, only ``folds``: one leave-one-scanner-out fold, say, to serve it on
+    the scanner it never saw), at the threshold chosen on the pooled out-of-fold predictions (of several runs,
+    their combination). ``parity_patches``: how many real patches the reduced precisions are checked on (default
+    ``PARITY_PATCHES``; the manifest records it). ValueError, in one line, for runs that cannot share one graph."""
     started = time.perf_counter()
-    run = RunFolder(run_dir)
-    cfg = load_run_config(run)
-    if unfinished := run.unfinished_folds(cfg.folds):
-        raise ValueError(f"{run_dir}: fold(s) {unfinished} have not finished training")
-    chosen = list(range(cfg.folds)) if folds is None else sorted(set(folds))
-    if not chosen or not all(0 <= k < cfg.folds for k in chosen):
-        raise ValueError(f"{run_dir}: folds {folds} outside 0..{cfg.folds - 1}")
-    summary = run.read_summary()
-    parity_pixels = verification_pixels(run_dir, PARITY_PATCHES if parity_patches is None else parity_patches)
-    base = classifier_for(cfg).eval()  # the base's weights read once, shared by every fold
-    models = [fold_model(run_dir, k, spread_sample(parity_pixels), base) for k in chosen]
-    del base  # the folds hold what they share of it; export_ensemble frees them after the fp32 graph
+    runs = [RunFolder(run_dir) for run_dir in run_dirs]
+    for run in runs:
+        cfg = load_run_config(run)
+        if unfinished := run.unfinished_folds(cfg.folds):
+            raise ValueError(f"{run.path}: fold(s) {unfinished} have not finished training")
+    if folds is not None and len(runs) > 1:
+        raise ValueError("--fold picks folds of one run; an ensemble of runs takes every fold of each")
+    _same_folds_and_pixel_size(runs)
+    threshold, oof_metrics = combined_out_of_fold(runs)
+    parity_pixels = verification_pixels(runs[0].path, PARITY_PATCHES if parity_patches is None else parity_patches)
+    members, records = [], []
+    for run in runs:
+        cfg = load_run_config(run)
+        chosen = list(range(cfg.folds)) if folds is None else sorted(set(folds))
+        if not chosen or not all(0 <= k < cfg.folds for k in chosen):
+            raise ValueError(f"{run.path}: folds {folds} outside 0..{cfg.folds - 1}")
+        base = classifier_for(cfg).eval()  # the base's weights read once, shared by every fold
+        models = [fold_model(run.path, k, spread_sample(parity_pixels), base) for k in chosen]
+        del base  # the folds hold what they share of it; export_ensemble frees them after the fp32 graph
+        members.append(Ensemble(preprocess_for(cfg, models[0]), models, tta=cfg.tta))
+        del models
+        own = _finite(run.read_summary()["oof"])
+        config = cfg.model_dump()
+        records.append(
+            EnsembleMember(
+                run=run.path.name, backbone=cfg.backbone, folds=len(chosen), training_config=config, oof_metrics=own
+            )
+        )
     manifest = export_ensemble(
-        models,
+        members,
         parity_pixels,
-        summary["threshold"],
+        threshold,
         output_dir,
-        backbone=cfg.backbone,
-        training_config=cfg.model_dump(),
-        oof_metrics={k: float(v) if math.isfinite(v) else None for k, v in summary["oof"].items()},
-        tta=cfg.tta,
-        pixel_size_um=cfg.pixel_size_um,
-        standardize=cfg.standardize,
+        records=records,
+        oof_metrics=oof_metrics,
+        pixel_size_um=load_run_config(runs[0]).pixel_size_um,
     )
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
     log.info("export took %.0f s, peak resident memory %.1f GiB", time.perf_counter() - started, peak_gb)

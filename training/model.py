@@ -87,6 +87,22 @@ class Ensemble(nn.Module):
         return mean_over_views(probs, 8 if self.tta else 1)
 
 
+class CrossRunEnsemble(nn.Module):
+    """Several runs' ensembles as one graph: raw pixels -> P(atypical) [N], the mean over every fold of every run.
+
+    Each member keeps its own preprocessing (input size, normalization, standardization) and TTA; a member's
+    mean is weighted by its fold count, so every fold weighs the same wherever it came from.
+    """
+
+    def __init__(self, members: Sequence[Ensemble]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.weights = [len(m.folds) / sum(len(m.folds) for m in members) for m in members]
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return sum(w * member(pixels) for w, member in zip(self.weights, self.members, strict=True))
+
+
 def network_input(x: torch.Tensor) -> torch.Tensor:
     """Images in channels-last layout, which oneDNN and cuDNN convolve faster; embeddings pass unchanged."""
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x

@@ -13,6 +13,8 @@
     RUN/fold_<k>/best.json     the kept epoch and its validation figures; written last, it marks the fold finished
     RUN/oof.csv                every fold's held-out predictions (training.metrics' CSV shape)
     RUN/summary.json           the threshold chosen on oof.csv and its figures; it marks the run finished
+                               (``external``: the figures on labs never trained on, added after it)
+    RUN/external/<name>.csv    the run's ensemble, as served, on the external set <name> (train --external)
 """
 
 from __future__ import annotations
@@ -97,6 +99,9 @@ class RunFolder:
     @property
     def summary(self) -> Path:
         return self.path / "summary.json"
+
+    def external(self, name: str) -> Path:
+        return self.path / "external" / f"{name}.csv"
 
     def fold(self, k: int) -> FoldFolder:
         return FoldFolder(self.path / f"fold_{k}")

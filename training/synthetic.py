@@ -171,6 +171,26 @@ def write_midog25(root: Path, n: int = 600, seed: int = 0, n_slides: int = 30) -
     log.info("wrote %d synthetic figures from %d slides to %s", n, n_slides, root)
 
 
+def write_atnorm(root: Path, n: int = 120, seed: int = 5, votes: bool = False) -> None:
+    """A folder in the AtNorM layout (``Atypical/``, ``Normal/``; numbered PNGs, as published) drawn from another
+    lab than ``write_midog25``'s, with the flaws of the real AtNorM-Br: one crop filed twice under its class, one
+    filed under both. ``votes``: also the expert-votes CSV (``Filename, Expert_1..3, Majority``)."""
+    pixels, meta = synthetic_figures(n, seed, n_slides=n // 4)
+    files = [("Atypical" if label else "Normal", i) for i, (label, _, _) in enumerate(meta)]
+    copies = [(files[0][0], 0, n), (files[1][0], 1, n + 1)]  # figure 0 filed twice under its class
+    copies.append(("Normal" if files[1][0] == "Atypical" else "Atypical", 1, n + 2))  # figure 1 under both
+    for folder in ("Atypical", "Normal"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    rows = []
+    for folder, source, number in [(folder, i, i) for folder, i in files] + copies:
+        Image.fromarray(pixels[source]).save(root / folder / f"{number}.png")
+        call = "Atypical" if folder == "Atypical" else "Normal"
+        rows.append([f"{folder}/{number}.png", call, call, "Normal" if number % 7 == 0 else call, call])
+    if votes:
+        with (root / "votes.csv").open("w", newline="") as f:
+            csv.writer(f).writerows([["Filename", "Expert_1", "Expert_2", "Expert_3", "Majority"], *rows])
+
+
 def write_case(
     case_dir: Path, pages: np.ndarray, name: str = "stack", fmt: str = "tiff", pixel_size_um: float | None = None
 ) -> Path:

@@ -33,7 +33,7 @@ from training.adapt import (
 )
 from training.augment import augment_batch, mixup
 from training.config import TrainConfig, load_run_config, save_config
-from training.data import at_pixel_size, decode_figures, on_scanners, read_datasets
+from training.data import at_pixel_size, decode_figures, on_scanners, read_datasets, unique_figures
 from training.metrics import pool_out_of_fold, summarize, write_rows
 from training.model import classifier_for, embed_all, network_input, predict_probs, preprocess_for
 from training.run import FoldFolder, RunFolder, provenance
@@ -298,11 +298,12 @@ def train_run(
         save_config(cfg, run.config)
         if not run.provenance.is_file():  # a resumed run keeps the record of its start
             run.provenance.write_text(json.dumps(provenance(data_roots), indent=1))
-        pixels = decode_figures(figures, cache_dir)
+        # a crop filed twice would sit in two folds, one training on what the other validates on
+        figures, pixels, _ = unique_figures(figures, decode_figures(figures, cache_dir))
         val_folds = load_or_create_splits(run, figures, cfg)
     workers.barrier()
     if not workers.is_main:  # the first process decoded (and cached) and split; the others read the same
-        pixels = decode_figures(figures, cache_dir)
+        figures, pixels, _ = unique_figures(figures, decode_figures(figures, cache_dir))
         val_folds = load_or_create_splits(run, figures, cfg)
     if cfg.pixel_size_um is not None:
         pixels = at_pixel_size(figures, pixels, cfg.pixel_size_um)

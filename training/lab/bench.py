@@ -172,21 +172,31 @@ def export_with_sizes(merged: list, pages: list[np.ndarray], backbone: str, devi
     upload's fp16 included; on CUDA not the CPU's int8), its upload to ``folder/upload``, and their sizes:
     parameters per fold, each graph's bytes, the upload's bytes against three folds stored whole in fp16 (1.0
     without sharing; 5/9 when the folds change only the attention, a third of a Virchow block)."""
+    from contracts import EnsembleMember
     from training.export import PARITY_PATCHES, export_ensemble
+    from training.model import Ensemble
     from training.precision import REDUCED_PRECISIONS
+    from training.preprocess import Preprocess
     from training.synthetic import synthetic_figures
     from training.upload import folder_bytes, write_upload
 
     params_per_fold = sum(p.numel() for p in merged[0].parameters())
     # the parity patches: the stack itself, and synthetic figures up to the export's count
     extra = synthetic_figures(PARITY_PATCHES - len(pages), seed=11, n_slides=4)[0]
+    folds = [m.cpu() for m in merged]
+    record = EnsembleMember(
+        run="bench",
+        backbone=backbone,
+        folds=len(folds),
+        training_config={"bench": f"{BENCH_FOLDS} random LoRA rank-8 folds"},
+        oof_metrics={},
+    )
     manifest = export_ensemble(
-        [m.cpu() for m in merged],
+        [Ensemble(Preprocess.for_backbone(folds[0].backbone), folds)],
         np.concatenate([np.stack(pages), extra]),
         0.5,
         folder / "model",
-        backbone=backbone,
-        training_config={"bench": f"{BENCH_FOLDS} random LoRA rank-8 folds"},
+        records=[record],
         oof_metrics={},
         reduced_precisions=tuple(r for r in REDUCED_PRECISIONS if device == "cpu" or r.device == device),
     )

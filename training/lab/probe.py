@@ -107,7 +107,7 @@ def probe(
     """Per rendering (``RENDERINGS``, in order): ``evaluate``'s figures (each class's mean probability among them)
     at the manifest's threshold. Every rendering draws from its own generator seeded with ``seed``: reruns agree.
     A figure whose scanner has no known pixel size is served as it is: the pixel-size renderings leave it be."""
-    figures, pixels, sizes = figures_to_score(data_root, scanners)
+    figures, pixels, sizes, _ = figures_to_score(data_root, scanners)
     labels = np.array([f.label for f in figures])
     ensemble = OnnxEnsemble(model_dir, device)
     results = {}

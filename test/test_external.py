@@ -47,7 +47,7 @@ def test_atnorm_votes_that_contradict_the_folder_are_refused(atnorm, tmp_path):
     with pytest.raises(DataError, match=f"contradicts the class folder for {name}"):
         read_dataset(copy)
     (copy / "votes.csv").write_text("Filename,Majority\n0.png,Normal\n")
-    with pytest.raises(DataError, match="want columns Filename, Expert_1..Expert_N, Majority"):
+    with pytest.raises(DataError, match=r"want columns Filename, Expert_1\.\.Expert_N, Majority"):
         read_dataset(copy)
     with pytest.raises(DataError, match="no such folder"):
         read_dataset(tmp_path / "absent")

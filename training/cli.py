@@ -81,6 +81,16 @@ def _evaluate(args: argparse.Namespace) -> None:
     from training.evaluate import evaluate_file
 
     evaluate_file(args.predictions, args.json, args.threshold, args.column)
+    if args.report:
+        from training.pages import write_report
+
+        write_report(args.predictions, args.report, args.threshold, args.column, args.data_root)
+
+
+def _review(args: argparse.Namespace) -> None:
+    from training.pages import write_review
+
+    write_review(args.input_dir, args.model, args.output, args.device)
 
 
 def _add_data_commands(sub: argparse._SubParsersAction) -> None:
@@ -185,7 +195,22 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
         default="prob_atypical",
         help="the probability column to score (prob_atypical_no_tta: a tta run without it)",
     )
+    p.add_argument("--report", type=Path, metavar="DIR", help="also write DIR/report.html: plots and the crops")
+    p.add_argument(
+        "--data-root",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="where the report finds crops by image_id when the CSV has no path column (a run's oof.csv)",
+    )
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("review", help="one case's pages as the model saw them, with its answers: DIR/review.html")
+    p.add_argument("input_dir", type=Path, help="a case folder, as Grand Challenge mounts at /input")
+    p.add_argument("--model", type=Path, required=True, help="an exported model folder")
+    p.add_argument("--output", type=Path, required=True, help="folder for review.html, review.png, answer.json")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="cpu")
+    p.set_defaults(func=_review)
 
 
 def build_parser() -> argparse.ArgumentParser:

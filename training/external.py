@@ -6,7 +6,7 @@ It runs only after every fold has finished and the threshold is in ``summary.jso
 reaches a fold, a kept epoch or the threshold. The figures go to ``summary.json`` -> ``external`` (``evaluate``'s:
 balanced accuracy at the run's threshold with its bootstrap interval, AUROC, sensitivity, specificity, the oracle
 threshold's balanced accuracy for reference, the duplicates found) and the predictions to
-``RUN/external/<name>.csv``.
+``RUN/external/<name>.csv``, a page to look at them in ``RUN/external/<name>/report.html``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 
 from training.evaluate import nan_as_null
 from training.export import export_run
+from training.pages import write_report
 from training.predict import predict_folder
 from training.run import RunFolder
 
@@ -67,6 +68,7 @@ def score_run_externally(run_dir: Path, roots: list[Path]) -> dict[str, dict]:
         for name, root in zip(external_names(roots), roots, strict=True):
             results[name] = result = predict_folder(model, root, run.external(name), device="cpu")
             log_external(name, result)
+            write_report(run.external(name), run.external_report(name), threshold=result["threshold"])
     summary = run.read_summary()
     summary["external"] = nan_as_null(results)
     run.summary.write_text(json.dumps(summary, indent=1))

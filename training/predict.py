@@ -51,7 +51,8 @@ def predict_folder(
     precision: str | None = None,
     scanners: list[str] | None = None,
 ) -> dict:
-    """Write the predictions CSV (``training.metrics``' columns, and each crop's ``path``) and return
+    """Write the predictions CSV (``training.metrics``' columns, each expert's vote where known as ``votes``, e.g.
+    ``101``, and each crop's ``path``) and return
     ``evaluate``'s figures at the manifest's threshold, with the duplicates found (``copies``, ``left_out``).
     ``precision`` None: the graph the manifest serves on the device, as the container runs it. ``scanners``:
     score only their figures (a run's held-out scanners)."""
@@ -62,9 +63,10 @@ def predict_folder(
     output.parent.mkdir(parents=True, exist_ok=True)
     with output.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow([*PREDICTION_COLUMNS, "path"])
+        writer.writerow([*PREDICTION_COLUMNS, "votes", "path"])
         for fig, p, pred in zip(figures, probs, preds, strict=True):
-            writer.writerow([fig.image_id, fig.label, repr(float(p)), pred, fig.domain, fig.path.resolve()])
+            votes = "".join(map(str, fig.votes))
+            writer.writerow([fig.image_id, fig.label, repr(float(p)), pred, fig.domain, votes, fig.path.resolve()])
     log.info(
         "wrote %d predictions to %s (%s on %s, threshold %.4f)",
         len(figures),

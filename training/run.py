@@ -15,6 +15,7 @@
     RUN/summary.json           the threshold chosen on oof.csv and its figures; it marks the run finished
                                (``external``: the figures on labs never trained on, added after it)
     RUN/external/<name>.csv    the run's ensemble, as served, on the external set <name> (train --external)
+    RUN/external/<name>/       its report.html and plots (training.pages)
 """
 
 from __future__ import annotations
@@ -102,6 +103,9 @@ class RunFolder:
 
     def external(self, name: str) -> Path:
         return self.path / "external" / f"{name}.csv"
+
+    def external_report(self, name: str) -> Path:
+        return self.path / "external" / name
 
     def fold(self, k: int) -> FoldFolder:
         return FoldFolder(self.path / f"fold_{k}")

@@ -262,7 +262,8 @@ class FoldTrainer:
         for i, f in enumerate(data.val_figures):
             row = {"image_id": f.image_id, "fold": self.fold, "label": f.label}
             row.update({column: float(p[i]) for column, p in probs.items()})
-            rows.append({**row, "domain": f.scanner, "tumor": f.tumor})
+            votes = "".join(map(str, f.votes))
+            rows.append({**row, "domain": f.scanner, "tumor": f.tumor, "votes": votes, "path": str(f.path.resolve())})
         write_rows(self.folder.val, rows)
         self.folder.write_best(best)
 

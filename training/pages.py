@@ -295,16 +295,20 @@ def write_review(input_dir: Path, model_dir: Path, out_dir: Path, device: str = 
     sheet = png_of(figure)
     (out_dir / "review.png").write_bytes(sheet)
 
-    sizes = ", ".join(sorted({"none" if s is None else f"{s:.3f}" for s in case.pixel_sizes_um}))
     manifest = ensemble.manifest
+    recorded = sorted({f"{s:.3f}" for s in case.pixel_sizes_um if s is not None})
+    if not recorded or manifest.pixel_size_um is None:
+        seen_as = "shown as they are" + ("" if recorded else " (no page records a pixel size)")
+    else:
+        seen_as = f"shown as the model saw them, resampled to {manifest.pixel_size_um} um/px"
+    sizes = f"recorded at {', '.join(recorded)} um/px" if recorded else "no pixel size recorded"
     cards = "".join(
         f'<div class="card">{img_tag(pixels_png(pixels), f"page {i + 1}")}<b>page {i + 1}</b>: {entry["class"]}<br>'
         f"P(atypical) {entry['confidence']:.4f}</div>"
         for i, (pixels, entry) in enumerate(zip(seen, answer, strict=True))
     )
     body = (
-        f"<p>{html.escape(str(stack))}: {len(seen)} page(s) recorded at {sizes} um/px, shown as the model saw them"
-        f" (resampled to {manifest.pixel_size_um or 'their own'} um/px).</p>"
+        f"<p>{html.escape(str(stack))}: {len(seen)} page(s), {sizes}; {seen_as}.</p>"
         f"<p>model {html.escape(str(model_dir))}: {html.escape(manifest.backbone)}, {manifest.folds} folds, "
         f"threshold {threshold:.4f}; graph {ensemble.precision} on {ensemble.provider}.</p>"
         f"<div class='cards'>{cards}</div><h2>Contact sheet</h2>{img_tag(sheet, 'contact sheet')}"

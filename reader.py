@@ -25,6 +25,20 @@ from contracts import MAX_PAGES, PLAUSIBLE_PIXEL_SIZE_UM
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 MAX_PAGE_PIXELS = 4096 * 4096  # a page declaring more is a decompression bomb, not a 128 px crop-out
+MAX_DECLARED_PAGES = 64  # the challenge stacks at most 16; a file declaring more than 4x that is refused unread
+MAX_DECLARED_BYTES = 1 << 30  # the whole stack's decoded samples, as its header declares them
+MHA_HEADER_BYTES = 1 << 16  # a MetaImage header is a few hundred bytes of text before the data
+# MetaImage element types and their bytes per sample
+MHA_ELEMENT_BYTES = {
+    f"MET_{name}": size
+    for size, names in (
+        (1, "UCHAR CHAR"),
+        (2, "USHORT SHORT"),
+        (4, "UINT INT FLOAT"),
+        (8, "ULONG LONG ULONG_LONG LONG_LONG DOUBLE"),
+    )
+    for name in names.split()
+}
 CHALLENGE_SIDE = 128  # the challenge's crop-outs are 128 x 128
 FAR_FACTOR = 2  # a side more than this factor from CHALLENGE_SIDE is warned about
 UM_PER_RESOLUTION_UNIT = {2: 25_400.0, 3: 10_000.0}  # TIFF ResolutionUnit: 2 inch, 3 centimetre (1: no unit)
@@ -219,11 +233,59 @@ def read_tiff(path: Path) -> tuple[list[Page], list[str]]:
     return figures, skipped
 
 
+def mha_header(path: Path) -> dict[str, str]:
+    """The MetaImage header's fields (``Key = Value`` lines up to ``ElementDataFile``, always the last), read as
+    text before anything decodes the file. InputError for a file with no such header."""
+    with path.open("rb") as f:
+        head = f.read(MHA_HEADER_BYTES)
+    fields = {}
+    for line in head.decode("latin-1").splitlines():
+        key, equals, value = line.partition("=")
+        if not equals:
+            raise InputError(f"{path.name}: not a MetaImage header (line {line[:40]!r})")
+        fields[key.strip()] = value.strip()
+        if key.strip() == "ElementDataFile":
+            return fields
+    raise InputError(f"{path.name}: no ElementDataFile in the first {MHA_HEADER_BYTES} bytes of its header")
+
+
+def check_mha_header(path: Path, fields: dict[str, str]) -> None:
+    """The header's promises, checked before a pixel is decoded: the data in the file itself (``LOCAL``) or in a
+    regular file beside it in the input folder, never elsewhere; every dimension at least 1; the declared pages,
+    page size and decoded bytes within ``MAX_DECLARED_PAGES``, ``MAX_PAGE_PIXELS`` and ``MAX_DECLARED_BYTES``."""
+    data = fields["ElementDataFile"]
+    if data != "LOCAL":
+        beside = path.parent / data
+        inside = "/" not in data and "\\" not in data and data not in ("", ".", "..") and " " not in data
+        if not inside or beside.is_symlink() or not beside.is_file():
+            raise InputError(
+                f"{path.name}: its data is {data!r}, not in the file itself nor a regular file beside it: refused"
+            )
+    try:
+        dims = [int(v) for v in fields.get("DimSize", "").split()]
+        channels = int(fields.get("ElementNumberOfChannels", "1"))
+    except ValueError:
+        raise InputError(f"{path.name}: DimSize {fields.get('DimSize')!r} is not a list of integers") from None
+    element = MHA_ELEMENT_BYTES.get(fields.get("ElementType", ""))
+    if not dims or element is None:
+        raise InputError(f"{path.name}: header without DimSize or with ElementType {fields.get('ElementType')!r}")
+    if min(dims) < 1 or channels < 1:
+        raise InputError(f"{path.name}: a dimension of size {min([*dims, channels])}: no pixels to read")
+    pages = dims[2] if len(dims) > 2 else 1
+    if pages > MAX_DECLARED_PAGES or dims[0] * dims[1] > MAX_PAGE_PIXELS:
+        raise InputError(
+            f"{path.name}: refused, declared size too large ({pages} page(s) of {dims[0]}x{dims[1]} pixels)"
+        )
+    if int(np.prod(dims, dtype=np.float64)) * channels * element > MAX_DECLARED_BYTES:
+        raise InputError(f"{path.name}: refused, declares more than {MAX_DECLARED_BYTES >> 20} MiB of samples")
+
+
 def read_mha(path: Path) -> tuple[list[Page], list[str]]:
     """An .mha stack: [N, H, W] grey or [N, H, W, 3] RGB (or one such page without N), samples by the same policy
-    as TIFF's; the spacing in mm is each page's pixel size."""
+    as TIFF's; the spacing in mm is each page's pixel size. The header is checked first (``check_mha_header``)."""
     import SimpleITK as sitk
 
+    check_mha_header(path, mha_header(path))
     image = sitk.ReadImage(str(path))
     components = image.GetNumberOfComponentsPerPixel()
     if components not in (1, 3):

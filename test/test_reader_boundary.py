@@ -1,0 +1,96 @@
+"""The input folder is the boundary, and a header's promises are checked before anything is decoded: an .mha whose
+data lies elsewhere (an absolute path, ``..``, a symlink out, a FIFO) is refused without reading a byte of it;
+zero-sized and oversized declarations are refused from the header alone."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+from conftest import PROCESS, assert_clean_failure, run_cli
+
+from contracts import INPUT_INTERFACE
+from reader import InputError, read_stack
+
+CANARY = b"canary bytes outside the input folder " * 1000
+
+
+@pytest.fixture
+def case(tmp_path):
+    """A case folder with a legal 2-page RGB .mha whose data is LOCAL; returns its stack folder."""
+    import SimpleITK as sitk
+
+    folder = tmp_path / "in" / "images" / INPUT_INTERFACE
+    folder.mkdir(parents=True)
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(pixels, isVector=True), str(folder / "stack.mha"))
+    (tmp_path / "outside.raw").write_bytes(CANARY)
+    return folder
+
+
+def with_header(path, **fields) -> None:
+    """Rewrite the .mha's header fields (the data, after ElementDataFile, kept as it is)."""
+    raw = path.read_bytes()
+    head, _, data = raw.partition(b"ElementDataFile = LOCAL\n")
+    lines = dict(line.split(" = ", 1) for line in head.decode().splitlines())
+    lines.update(fields)
+    data_file = lines.pop("ElementDataFile", "LOCAL")
+    text = "".join(f"{k} = {v}\n" for k, v in lines.items()) + f"ElementDataFile = {data_file}\n"
+    path.write_bytes(text.encode() + (data if data_file == "LOCAL" else b""))
+
+
+def test_a_legal_mha_is_read(case):
+    stack = read_stack(case / "stack.mha")
+    assert len(stack.pages) == 2 and stack.pages[0].shape == (16, 16, 3)
+
+
+@pytest.mark.parametrize(
+    "where", ["ABSOLUTE", "../../outside.raw", "sub/outside.raw", "LIST", "stack%03d.raw 1 2 1", "link.raw", "fifo"]
+)
+def test_data_outside_the_file_and_its_folder_is_refused(case, where, tmp_path):
+    if where == "ABSOLUTE":
+        where = str(tmp_path / "outside.raw")
+    if where == "link.raw":
+        (case / "link.raw").symlink_to(tmp_path / "outside.raw")
+    if where == "fifo":
+        os.mkfifo(case / "fifo")  # reading it would hang the container forever
+    with_header(case / "stack.mha", ElementDataFile=where)
+    started = time.monotonic()
+    with pytest.raises(InputError, match="not in the file itself nor a regular file beside it: refused"):
+        read_stack(case / "stack.mha")
+    assert time.monotonic() - started < 5
+
+
+def test_data_in_a_regular_file_beside_the_stack_is_read(case):
+    raw = read_stack(case / "stack.mha").pages
+    header, _, data = (case / "stack.mha").read_bytes().partition(b"ElementDataFile = LOCAL\n")
+    (case / "stack.raw").write_bytes(data)
+    (case / "stack.mha").write_bytes(header + b"ElementDataFile = stack.raw\n")
+    assert all(np.array_equal(a, b) for a, b in zip(read_stack(case / "stack.mha").pages, raw, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"DimSize": "16 0 2"}, "a dimension of size 0"),
+        ({"DimSize": "12000 12000 16"}, "declared size too large"),
+        ({"DimSize": "16 16 300"}, "declared size too large (300 page(s)"),
+        ({"DimSize": "4096 4096 60", "ElementType": "MET_DOUBLE"}, "declares more than 1024 MiB"),
+        ({"DimSize": "16 x 2"}, "not a list of integers"),
+    ],
+)
+def test_declared_sizes_are_refused_from_the_header_alone(case, fields, words):
+    with_header(case / "stack.mha", **fields)
+    with pytest.raises(InputError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        read_stack(case / "stack.mha")
+
+
+def test_the_container_refuses_data_elsewhere_in_one_line(case, model_dir, tmp_path):
+    with_header(case / "stack.mha", ElementDataFile="/etc/passwd")
+    result = run_cli(
+        PROCESS, "--input", tmp_path / "in", "--output", tmp_path / "out", "--model", model_dir, check=False
+    )
+    assert result.returncode == 2
+    assert_clean_failure(result, tmp_path / "out", "stack.mha", "'/etc/passwd'", "refused")

@@ -18,12 +18,13 @@ Contract (Grand Challenge algorithm, one case per run):
           - TIFF pages that are not figures (NewSubfileType: reduced-resolution overview, transparency mask) are
             skipped with a warning, so the answer has one entry per figure; SubIFDs are never read;
           - a page with a side more than 2x from 128 is warned about (the graph resizes every page to its input);
-          - a file tifffile had to repair (a broken IFD chain, a missing strip) is refused
+          - a file tifffile had to repair (a broken IFD chain, a missing strip) is refused; before tifffile
+            reads it, the main IFD chain is walked from the header: one that loops back, or declares a side of 0,
+            more than 64 pages, pages over 4096 x 4096 or over 1 GiB of samples, is refused undecoded
           - an .mha's data lies in the file itself (ElementDataFile = LOCAL) or in a regular file beside it in the
             input folder; any other place (a path, "..", a symlink, a FIFO, a file list) is refused unread, and
-            its header's sizes are checked before decoding: every dimension >= 1, at most 64 pages of at most
-            4096 x 4096 pixels, at most 1 GiB of samples (reader.MAX_DECLARED_PAGES, MAX_PAGE_PIXELS,
-            MAX_DECLARED_BYTES)
+            its header's sizes are checked before decoding by the same limits (reader.MAX_DECLARED_PAGES,
+            MAX_PAGE_PIXELS, MAX_DECLARED_BYTES)
   output  OUTPUT_DIR/multiple-mitotic-figure-classification.json: a list with one
           {"class": "normal" | "atypical", "confidence": P(atypical) as a float} per figure, in page order; each
           page runs through the model alone, so its answer does not depend on the other pages of its stack

@@ -203,11 +203,82 @@ def tifffile_complaints() -> Iterator[list[str]]:
         logger.propagate = propagate
 
 
+TIFF_TYPE_BYTES = {1: 1, 3: 2, 4: 4, 16: 8}  # BYTE, SHORT, LONG, LONG8: the types of the size tags
+
+
+def _tiff_value(data: bytes, order: str, entry: int, big: bool) -> list[int]:
+    """An IFD entry's values of an integer type, inline or at its offset; [] for other types or out of file."""
+    code = np.frombuffer(data, f"{order}u2", 1, entry + 2)[0]
+    count = int(np.frombuffer(data, f"{order}u8" if big else f"{order}u4", 1, entry + 4)[0])
+    size = TIFF_TYPE_BYTES.get(int(code))
+    if size is None or count < 1 or count > 16:
+        return []
+    field = entry + (12 if big else 8)
+    if size * count > (8 if big else 4):  # not inline: the field holds the values' offset
+        field = int(np.frombuffer(data, f"{order}u8" if big else f"{order}u4", 1, field)[0])
+    if field + size * count > len(data):
+        return []
+    return [int(v) for v in np.frombuffer(data, f"{order}u{size}", count, field)]
+
+
+def check_tiff_declarations(path: Path) -> None:
+    """The main IFD chain walked from the header before tifffile reads it: a chain that loops back, runs past the
+    file, or holds more than ``MAX_DECLARED_PAGES`` pages is refused; so is a page declaring a zero side, more than
+    ``MAX_PAGE_PIXELS`` pixels, or a stack declaring more than ``MAX_DECLARED_BYTES`` of samples."""
+    if path.stat().st_size > MAX_DECLARED_BYTES:
+        raise InputError(f"{path.name}: refused, a file over {MAX_DECLARED_BYTES >> 20} MiB is no stack of crop-outs")
+    data = path.read_bytes()
+    if len(data) < 8 or data[:2] not in (b"II", b"MM"):
+        return  # not a TIFF header: tifffile's own refusal names it
+    order = "<" if data[:2] == b"II" else ">"
+    version = int(np.frombuffer(data, f"{order}u2", 1, 2)[0])
+    big = version == 43
+    if version not in (42, 43) or (big and len(data) < 16):
+        return
+    offset = int(np.frombuffer(data, f"{order}u8" if big else f"{order}u4", 1, 8 if big else 4)[0])
+    seen, total = set(), 0
+    while offset:
+        if offset in seen:
+            raise InputError(f"{path.name}: damaged TIFF (its IFD chain loops back to an earlier page)")
+        if len(seen) >= MAX_DECLARED_PAGES:
+            raise InputError(f"{path.name}: refused, more than {MAX_DECLARED_PAGES} pages in its IFD chain")
+        head = 8 if big else 2
+        if offset + head > len(data):
+            raise InputError(
+                f"{path.name}: damaged TIFF (page {len(seen) + 1}'s IFD offset is past the end of the file)"
+            )
+        seen.add(offset)
+        count = int(np.frombuffer(data, f"{order}u8" if big else f"{order}u2", 1, offset)[0])
+        step = 20 if big else 12
+        end = offset + head + count * step
+        if end + (8 if big else 4) > len(data):
+            raise InputError(f"{path.name}: damaged TIFF (page {len(seen)}'s IFD runs past the end of the file)")
+        tags = {}
+        for entry in range(offset + head, end, step):
+            tag = int(np.frombuffer(data, f"{order}u2", 1, entry)[0])
+            if tag in (256, 257, 258, 277, 32997):  # width, length, bits, samples, depth
+                tags[tag] = _tiff_value(data, order, entry, big)
+        width, length = (tags.get(t, [1])[0] for t in (256, 257))
+        samples, depth = (tags.get(t, [1])[0] for t in (277, 32997))
+        bits = max(tags.get(258) or [1])
+        if min(width, length) < 1:
+            raise InputError(f"{path.name}: page {len(seen)}: a side of 0 pixels declared")
+        if width * length * max(depth, 1) > MAX_PAGE_PIXELS:
+            raise InputError(
+                f"{path.name}: page {len(seen)}: refused, declared size too large ({width}x{length} pixels)"
+            )
+        total += width * length * max(depth, 1) * max(samples, 1) * -(-bits // 8)
+        if total > MAX_DECLARED_BYTES:
+            raise InputError(f"{path.name}: refused, declares more than {MAX_DECLARED_BYTES >> 20} MiB of samples")
+        offset = int(np.frombuffer(data, f"{order}u8" if big else f"{order}u4", 1, end)[0])
+
+
 def read_tiff(path: Path) -> tuple[list[Page], list[str]]:
     """Every figure of the main IFD chain, and a warning for each page skipped as not a figure. A file tifffile
     had to repair (its log's warnings) is refused: a repaired file can lose pages or pixels without failing."""
     import tifffile
 
+    check_tiff_declarations(path)
     figures, skipped = [], []
     with tifffile_complaints() as complaints, tifffile.TiffFile(path) as tif:
         for index, page in enumerate(tif.pages):

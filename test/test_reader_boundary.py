@@ -94,3 +94,55 @@ def test_the_container_refuses_data_elsewhere_in_one_line(case, model_dir, tmp_p
     )
     assert result.returncode == 2
     assert_clean_failure(result, tmp_path / "out", "stack.mha", "'/etc/passwd'", "refused")
+
+
+def tiff_with(tmp_path, pages: np.ndarray, patch=None):
+    """A multi-page RGB TIFF of ``pages``; ``patch(data, offsets)`` edits its bytes (offsets: each IFD's)."""
+    import struct
+
+    import tifffile
+
+    path = tmp_path / "stack.tiff"
+    tifffile.imwrite(path, pages, photometric="rgb")
+    with tifffile.TiffFile(path) as tif:
+        offsets = [(p.offset, len(p.tags)) for p in tif.pages]
+    data = bytearray(path.read_bytes())
+    if patch is not None:
+        patch(data, offsets, struct)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _next_ifd(data, offsets, struct, page, target):
+    offset, n = offsets[page]
+    struct.pack_into("<I", data, offset + 2 + 12 * n, target)
+
+
+@pytest.mark.parametrize("back_to", [0, 2], ids=["an-earlier-page", "itself"])
+def test_an_ifd_chain_that_loops_is_refused_at_once(tmp_path, back_to):
+    pages = np.zeros((3, 16, 16, 3), np.uint8)
+    path = tiff_with(tmp_path, pages, lambda d, o, s: _next_ifd(d, o, s, 2, o[back_to][0]))
+    started = time.monotonic()
+    with pytest.raises(InputError, match="loops back to an earlier page"):
+        read_stack(path)
+    assert time.monotonic() - started < 5
+
+
+def test_declared_tiff_sizes_are_refused_before_decoding(tmp_path):
+    with pytest.raises(InputError, match="more than 64 pages"):
+        read_stack(tiff_with(tmp_path, np.zeros((65, 4, 4, 3), np.uint8)))
+
+    def width(value):
+        def patch(data, offsets, struct):
+            offset, n = offsets[0]
+            for entry in range(offset + 2, offset + 2 + 12 * n, 12):
+                if struct.unpack_from("<H", data, entry)[0] in (256, 257):  # ImageWidth, ImageLength: inline
+                    kind = struct.unpack_from("<H", data, entry + 2)[0]
+                    struct.pack_into("<H" if kind == 3 else "<I", data, entry + 8, value)
+
+        return patch
+
+    with pytest.raises(InputError, match="a side of 0 pixels"):  # both sides 0
+        read_stack(tiff_with(tmp_path, np.zeros((1, 16, 16, 3), np.uint8), width(0)))
+    with pytest.raises(InputError, match=r"declared size too large \(60000x60000"):
+        read_stack(tiff_with(tmp_path, np.zeros((1, 16, 16, 3), np.uint8), width(60000)))

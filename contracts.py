@@ -207,6 +207,9 @@ class ModelManifest(BaseModel):
             if precision != "fp32" and not (precision in self.parity and self.parity[precision].accepted):
                 raise ValueError(f"serve.{device} is {precision}, which has no accepted parity check")
         named = {name for graph in self.graphs.values() for name in graph.names}
+        outside = sorted(n for n in named | set(self.files) if Path(n).name != n or n in ("", ".", ".."))
+        if outside:  # a model folder serves its own files, never another folder's
+            raise ValueError(f"file name(s) {outside} are not plain names inside the model folder")
         if unlisted := sorted(named - set(self.files)):
             raise ValueError(f"graph file(s) {unlisted} have no checksum in files")
         if orphans := sorted(set(self.files) - named):
@@ -229,6 +232,8 @@ class ModelManifest(BaseModel):
             raise ContractError(f"{path}: no manifest (export a model first)") from None
         except OSError as err:
             raise ContractError(f"{path}: cannot read the manifest ({err.strerror})") from None
+        except UnicodeDecodeError as err:
+            raise ContractError(f"{path}: not UTF-8 text (byte {err.start})") from None
         except ValidationError as err:
             first = err.errors()[0]
             where = ".".join(str(x) for x in first["loc"])

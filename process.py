@@ -42,9 +42,9 @@ failure:
   2  the case's input: no or unreadable input folder, no stack or more than one, a file that is unreadable,
      damaged or refused by the reading policy
   3  the output folder: cannot be created or written (checked before the model loads)
-  4  the model folder: manifest missing or invalid, a file of the graph about to load missing or with another
-     sha256 than the manifest's (files of graphs the run does not load are not read), a graph that answers no
-     probability
+  4  the model folder: manifest missing, not UTF-8 or invalid (a file named outside the folder too), a file of
+     the graph about to load missing or with another sha256 than the manifest's (files of graphs the run does
+     not load are not read), a graph that fails on a page or answers anything but one probability in [0, 1]
   5  the device: --device cuda without an active CUDA provider
 """
 
@@ -198,7 +198,16 @@ class OnnxEnsemble:
             pages = self.at_model_pixel_size(pages, pixel_sizes_um)
         probs = np.empty(len(pages), dtype=np.float64)
         for i, page in enumerate(pages):
-            (out,) = self.session.run([self.manifest.output_name], {self.manifest.input_name: page[None]})
+            try:
+                (out,) = self.session.run([self.manifest.output_name], {self.manifest.input_name: page[None]})
+            except Exception as err:  # ONNX Runtime's own error types: a graph that cannot take a page
+                raise ContractError(f"the model's graph failed on page {i + 1} ({one_line(err)})") from None
+            out = np.asarray(out)
+            if out.shape != (1,) or out.dtype.kind != "f" or not (0 <= out[0] <= 1):
+                raise ContractError(
+                    f"the model's graph answered {out.dtype} {list(out.shape)} {out.ravel()[:2]} for page {i + 1}, "
+                    "not one probability in [0, 1]"
+                )
             probs[i] = float(out[0])
         return probs
 
@@ -227,6 +236,8 @@ def check_output_folder(output_dir: Path) -> None:
         os.close(fd)
         os.unlink(probe)
         (output_dir / ANSWER_FILENAME).unlink(missing_ok=True)
+        for stale in output_dir.glob(f".{ANSWER_FILENAME}.*.tmp"):  # an earlier run killed before its rename
+            stale.unlink(missing_ok=True)
     except OSError as err:
         raise OutputError(
             f"{output_dir}: output folder not writable ({err.__class__.__name__}: {err.strerror})"

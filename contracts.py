@@ -77,6 +77,8 @@ def resample_to_pixel_size(pixels: np.ndarray, source_um: float, target_um: floa
     h, w = pixels.shape[-3:-1]
 
     def taps(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if n < 2:  # a side of one pixel has nothing to interpolate between
+            return np.zeros(n, int), np.zeros(n, int), np.zeros(n, np.float32)
         centre = (n - 1) / 2
         at = (np.arange(n) - centre) / zoom + centre
         period = 2 * (n - 1)

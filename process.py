@@ -99,20 +99,26 @@ EXIT_CODES: dict[type[Exception], int] = {InputError: 2, OutputError: 3, Contrac
 
 
 def find_stack(input_dir: Path) -> Path:
+    """The case's one stack: a regular file in the stack folder (a symlink only where it stays inside the input
+    folder). InputError otherwise, naming the folder (shortened when the path is too long to name)."""
     folder = input_dir / STACK_SUBDIR
-    if not folder.is_dir():
-        raise InputError(f"{folder}: no such folder")
+    shown = str(folder) if len(str(folder)) <= 200 else f"{str(folder)[:60]}...{str(folder)[-60:]}"
     try:
+        if not folder.is_dir():
+            raise InputError(f"{shown}: no such folder")
         files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        inside = input_dir.resolve()
     except OSError as err:
-        raise InputError(f"{folder}: unreadable folder ({err.__class__.__name__}: {err.strerror})") from None
+        raise InputError(f"{shown}: unreadable folder ({err.__class__.__name__}: {err.strerror})") from None
     for suffixes in (TIFF_SUFFIXES, (".mha",)):
         found = [p for p in files if p.suffix.lower() in suffixes]
         if len(found) > 1:
-            raise InputError(f"{folder}: expected one stack, found {', '.join(p.name for p in found)}")
+            raise InputError(f"{shown}: expected one stack, found {', '.join(p.name for p in found)}")
         if found:
+            if inside not in found[0].resolve().parents:
+                raise InputError(f"{found[0].name}: a link to a file outside the input folder: refused")
             return found[0]
-    raise InputError(f"{folder}: no .tif, .tiff or .mha image")
+    raise InputError(f"{shown}: no .tif, .tiff or .mha image")
 
 
 def resolve_model_dir(explicit: Path | None) -> Path:

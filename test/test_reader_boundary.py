@@ -146,3 +146,32 @@ def test_declared_tiff_sizes_are_refused_before_decoding(tmp_path):
         read_stack(tiff_with(tmp_path, np.zeros((1, 16, 16, 3), np.uint8), width(0)))
     with pytest.raises(InputError, match=r"declared size too large \(60000x60000"):
         read_stack(tiff_with(tmp_path, np.zeros((1, 16, 16, 3), np.uint8), width(60000)))
+
+
+def test_a_stack_linked_from_outside_the_input_is_refused(tmp_path, model_dir):
+    folder = tmp_path / "in" / "images" / INPUT_INTERFACE
+    folder.mkdir(parents=True)
+    (tmp_path / "elsewhere.tiff").write_bytes(b"II*\0")
+    (folder / "stack.tiff").symlink_to(tmp_path / "elsewhere.tiff")
+    result = run_cli(
+        PROCESS, "--input", tmp_path / "in", "--output", tmp_path / "out", "--model", model_dir, check=False
+    )
+    assert result.returncode == 2
+    assert_clean_failure(result, tmp_path / "out", "stack.tiff", "outside the input folder")
+
+
+def test_an_input_path_longer_than_the_system_allows(tmp_path, model_dir):
+    too_long = tmp_path / ("x/" * 2100)
+    result = run_cli(PROCESS, "--input", too_long, "--output", tmp_path / "out", "--model", model_dir, check=False)
+    assert result.returncode == 2
+    assert_clean_failure(result, tmp_path / "out", "File name too long")
+    assert len(result.stderr.splitlines()[-1]) < 400
+
+
+@pytest.mark.parametrize("shape", [(1, 40, 3), (40, 1, 3), (1, 1, 3)])
+def test_a_one_pixel_side_is_resampled_without_a_crash(shape):
+    from contracts import resample_to_pixel_size
+
+    page = np.full(shape, 9, np.uint8)
+    out = resample_to_pixel_size(page, 0.25, 0.23)
+    assert out.shape == shape and (out == 9).all()

@@ -304,6 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.device not in DEVICES:  # argparse checks choices on the command line, not on a default
         parser.error(f"{DEVICE_ENV}={args.device!r}: expected one of {', '.join(DEVICES)}")
+    try:
+        os.fstat(2)
+    except OSError:  # started with stderr closed: the log goes nowhere rather than failing the run
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 (fd 2 lives as long as the process)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     try:
         run(args.input, args.output, resolve_model_dir(args.model), args.device, quiet=not args.debug)

@@ -385,7 +385,9 @@ def native_stderr_captured() -> Iterator[IO[bytes]]:
     stderr (whose contract is one line) and hand it to the caller, who may quote its first line."""
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
+    # in memory where the system allows (no temp dir needed: a container's may be read-only), else a temp file
+    memfd = getattr(os, "memfd_create", None)
+    with os.fdopen(memfd("decoder-stderr"), "w+b") if memfd else tempfile.TemporaryFile() as sink:
         os.dup2(sink.fileno(), 2)
         try:
             yield sink

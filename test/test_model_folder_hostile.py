@@ -1,4 +1,5 @@
-"""A model folder built to hurt: each case refused with exit 4 (the model folder's code) and one line."""
+"""A model folder or an environment built to hurt: each model-folder case refused with exit 4 and one line; a closed
+stderr still answered."""
 
 from __future__ import annotations
 
@@ -94,3 +95,19 @@ def test_a_stale_temp_answer_of_a_killed_run_is_removed(tmp_path):
     assert result.returncode == 0 and not stale.exists()
     assert len(json.loads((out / ANSWER_FILENAME).read_text())) == 16
     assert np.isfinite([e["confidence"] for e in json.loads((out / ANSWER_FILENAME).read_text())]).all()
+
+
+def test_closed_stderr_still_answers(tmp_path):
+    """Started with stderr closed (and TMPDIR naming no folder), the case is still answered."""
+    import subprocess
+    import sys
+
+    model = red_mean_model(tmp_path / "model")
+    out = tmp_path / "out"
+    command = (
+        f'"{sys.executable}" "{PROCESS}" --input "{REPO / "test" / "input"}" --output "{out}" --model "{model}" 2>&-'
+    )
+    env = {"PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path / "absent")}
+    result = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout
+    assert len(json.loads((out / ANSWER_FILENAME).read_text())) == 16

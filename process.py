@@ -20,7 +20,8 @@ Contract (Grand Challenge algorithm, one case per run):
           - a page with a side more than 2x from 128 is warned about (the graph resizes every page to its input);
           - a file tifffile had to repair (a broken IFD chain, a missing strip) is refused; before tifffile
             reads it, the main IFD chain is walked from the header: one that loops back, or declares a side of 0,
-            more than 64 pages, pages over 4096 x 4096 or over 1 GiB of samples, is refused undecoded
+            more than 64 pages, pages over 4096 x 4096 or over 1 GiB of samples, is refused undecoded; so is a
+            JPEG or JPEG 2000 strip or tile whose own header declares more pixels than its page gives it
           - an .mha's data lies in the file itself (ElementDataFile = LOCAL) or in a regular file beside it in the
             input folder; any other place (a path, "..", a symlink, a FIFO, a file list) is refused unread, and
             its header's sizes are checked before decoding by the same limits (reader.MAX_DECLARED_PAGES,

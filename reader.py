@@ -135,6 +135,49 @@ def tiff_page_role(page) -> str | None:
     return " and ".join(roles) or None
 
 
+TIFF_JPEG2000 = {33003, 33004, 33005, 34712}
+SOF_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start of frame: every JPEG process, not DHT/JPG/DAC
+CODESTREAM_SLACK = 16  # a JPEG frame may pad its last rows and columns to whole blocks
+
+
+def codestream_size(head: bytes) -> tuple[int, int] | None:
+    """(width, height) a JPEG or JPEG 2000 codestream's own header declares, from its first bytes; None if it
+    declares none there."""
+    at = head.find(b"\xff\x4f\xff\x51")  # JPEG 2000: SOC then SIZ (also inside a JP2 file's boxes)
+    if at >= 0 and len(head) >= at + 28:
+        xsiz, ysiz, xo, yo = (int.from_bytes(head[at + 8 + 4 * i : at + 12 + 4 * i], "big") for i in range(4))
+        return xsiz - xo, ysiz - yo
+    i = 2 if head[:2] == b"\xff\xd8" else -1
+    while 0 <= i < len(head) - 9:
+        if head[i] != 0xFF:
+            return None
+        marker, length = head[i + 1], int.from_bytes(head[i + 2 : i + 4], "big")
+        if marker in SOF_MARKERS:
+            return int.from_bytes(head[i + 7 : i + 9], "big"), int.from_bytes(head[i + 5 : i + 7], "big")
+        i += 2 + length
+    return None
+
+
+def check_codestreams(page, where: str) -> None:
+    """Each JPEG or JPEG 2000 strip or tile declares, in its own header, no more than the page gives it: a 128 px
+    page whose strip is really 20000 x 20000 pixels is refused before it is decoded (or answered from a crop)."""
+    if page.compression not in TIFF_JPEG | TIFF_JPEG2000:
+        return
+    if page.is_tiled:
+        wanted = (page.tilewidth, page.tilelength)
+    else:
+        wanted = (page.imagewidth, min(page.rowsperstrip or page.imagelength, page.imagelength))
+    handle = page.parent.filehandle
+    for index, (offset, count) in enumerate(zip(page.dataoffsets, page.databytecounts, strict=True)):
+        handle.seek(offset)
+        declared = codestream_size(handle.read(min(count, 1 << 16)))
+        if declared and (declared[0] > wanted[0] + CODESTREAM_SLACK or declared[1] > wanted[1] + CODESTREAM_SLACK):
+            raise InputError(
+                f"{where}: its {'tile' if page.is_tiled else 'strip'} {index + 1} declares {declared[0]}x{declared[1]} "
+                f"pixels, the page holds {wanted[0]}x{wanted[1]}: refused"
+            )
+
+
 def decode_tiff_page(page, where: str) -> Page:
     """A TIFF page (tifffile's TiffPage) as RGB uint8, by photometric interpretation: grey (MinIsBlack,
     MinIsWhite), RGB, palette, CMYK, and YCbCr inside JPEG; extra samples (alpha) dropped, ICC profiles ignored
@@ -155,6 +198,7 @@ def decode_tiff_page(page, where: str) -> Page:
         raise InputError(f"{where}: photometric interpretation {name} is not supported")
     if not page.dataoffsets or not all(page.databytecounts):  # tifffile would fill a missing strip with zeros
         raise InputError(f"{where}: a strip or tile has no data")
+    check_codestreams(page, where)
     # [separate planes, depth, height, width, contiguous samples] -> [height, width, samples]
     shaped = page.asarray(squeeze=False)[:, 0]
     samples = np.moveaxis(shaped, 0, 2).reshape(shaped.shape[1], shaped.shape[2], -1)

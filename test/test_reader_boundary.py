@@ -175,3 +175,27 @@ def test_a_one_pixel_side_is_resampled_without_a_crash(shape):
     page = np.full(shape, 9, np.uint8)
     out = resample_to_pixel_size(page, 0.25, 0.23)
     assert out.shape == shape and (out == 9).all()
+
+
+@pytest.mark.parametrize("codec", ["jpeg", "jpeg2000"])
+def test_a_strip_whose_codestream_declares_more_than_its_page_is_refused_undecoded(tmp_path, codec):
+    import struct
+
+    import imagecodecs
+    import tifffile
+
+    page = np.random.default_rng(0).integers(0, 255, (128, 128, 3), np.uint8)
+    path = tmp_path / "stack.tiff"
+    tifffile.imwrite(path, page, photometric="rgb", compression=codec, rowsperstrip=128)
+    assert read_stack(path).pages[0].shape == (128, 128, 3)  # the legal stack is read
+    big = np.zeros((3000, 2000, 3), np.uint8)
+    stream = imagecodecs.jpeg8_encode(big, level=50) if codec == "jpeg" else imagecodecs.jpeg2k_encode(big, level=10)
+    with tifffile.TiffFile(path) as tif:
+        tags = {tag.code: tag for tag in tif.pages[0].tags}
+        offsets_at, counts_at = tags[273].valueoffset, tags[279].valueoffset
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<I", data, offsets_at, len(data))
+    struct.pack_into("<I", data, counts_at, len(stream))
+    path.write_bytes(bytes(data) + stream)
+    with pytest.raises(InputError, match="strip 1 declares 2000x3000 pixels, the page holds 128x128: refused"):
+        read_stack(path)

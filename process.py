@@ -6,7 +6,8 @@ Contract (Grand Challenge algorithm, one case per run):
   reading one policy for TIFF (tifffile, imagecodecs' codecs) and .mha (SimpleITK), implemented in reader.py;
           each page the file means, as RGB uint8, or a refusal:
           - unsigned integer samples of any bit depth are brought to 8 bits by their range, round(v * 255 /
-            (2**bits - 1)) (16-bit: v / 257); bilevel to 0/255;
+            top), top the MaxSampleValue a TIFF states (a 12-bit camera's 4095), else 2**bits - 1 (16-bit:
+            v / 257), and refused where a sample exceeds it; bilevel to 0/255;
           - float samples are scaled from [0, 1] (v * 255) and refused when any lies outside it or is not
             finite: [0, 1] is the convention of float images, and a 0-255 float page fails loudly instead of
             being clamped to white;

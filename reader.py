@@ -84,19 +84,22 @@ def _rational(value):
     return value
 
 
-def to_uint8(samples: np.ndarray, bits: int, where: str) -> np.ndarray:
-    """Samples brought to 8 bits by their range (the reading policy): unsigned integers of ``bits`` bits scaled
-    from [0, 2**bits - 1], rounded half up; bilevel to 0/255; floats scaled from [0, 1] and refused outside it;
-    anything else (signed integers, complex, undefined) refused by name. Shape unchanged."""
+def to_uint8(samples: np.ndarray, bits: int, where: str, top: int | None = None) -> np.ndarray:
+    """Samples brought to 8 bits by their range (the reading policy): unsigned integers scaled from [0, top],
+    ``top`` the largest value the file states (TIFF MaxSampleValue, as 12-bit cameras write 12-bit values in 16-bit
+    samples) or else 2**bits - 1, rounded half up; bilevel to 0/255; floats scaled from [0, 1] and refused outside
+    it; anything else (signed integers, complex, undefined) refused by name. Shape unchanged."""
     kind = samples.dtype.kind
     if kind == "b":
         return samples.astype(np.uint8) * np.uint8(255)
     if kind == "u":
-        top = (1 << bits) - 1
-        if samples.dtype == np.uint8 and bits == 8:
+        full = (1 << bits) - 1
+        top = full if top is None or not 0 < top < full else top
+        if samples.dtype == np.uint8 and top == 255:
             return samples
         if samples.size and int(samples.max()) > top:
-            raise InputError(f"{where}: samples exceed their declared {bits}-bit range")
+            range_ = f"stated range 0-{top}" if top != full else f"declared {bits}-bit range"
+            raise InputError(f"{where}: samples exceed their {range_}")
         if bits <= 32:  # exact: floor(v * 255 / top + 1/2) in integers
             return ((samples.astype(np.uint64) * 510 + top) // (2 * top)).astype(np.uint8)
         return np.floor(samples.astype(np.float64) * (255 / top) + 0.5).astype(np.uint8)
@@ -203,6 +206,8 @@ def decode_tiff_page(page, where: str) -> Page:
     shaped = page.asarray(squeeze=False)[:, 0]
     samples = np.moveaxis(shaped, 0, 2).reshape(shaped.shape[1], shaped.shape[2], -1)
     bits = int(page.bitspersample)
+    stated = page.tags.valueof(281)  # MaxSampleValue: one per sample, or one for all
+    top = int(np.max(stated)) if stated is not None and np.size(stated) else None
     if photometric == PHOTOMETRIC.PALETTE:
         colormap = page.colormap
         index = samples[..., 0]
@@ -212,15 +217,15 @@ def decode_tiff_page(page, where: str) -> Page:
             raise InputError(f"{where}: palette indices beyond the colour map's {colormap.shape[1]} entries")
         return Page(to_uint8(colormap.T[index.astype(np.intp)], 16, where), None)
     if photometric in (PHOTOMETRIC.MINISBLACK, PHOTOMETRIC.MINISWHITE):
-        grey = to_uint8(samples[..., 0], bits, where)
+        grey = to_uint8(samples[..., 0], bits, where, top)
         return Page(grey_to_rgb(255 - grey if photometric == PHOTOMETRIC.MINISWHITE else grey), None, grey=True)
     if photometric == PHOTOMETRIC.SEPARATED:  # (1 - C)(1 - K), as ink on white paper
-        cmyk = to_uint8(samples[..., :4], bits, where).astype(np.uint32)
+        cmyk = to_uint8(samples[..., :4], bits, where, top).astype(np.uint32)
         rgb = ((255 - cmyk[..., :3]) * (255 - cmyk[..., 3:]) * 2 + 255) // 510
         return Page(rgb.astype(np.uint8), None)
     if samples.shape[-1] < 3:
         raise InputError(f"{where}: {name} page with {samples.shape[-1]} sample(s) per pixel")
-    return Page(to_uint8(samples[..., :3], bits, where), None)
+    return Page(to_uint8(samples[..., :3], bits, where, top), None)
 
 
 class _Complaints(logging.Handler):

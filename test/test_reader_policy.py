@@ -278,3 +278,14 @@ def test_the_issues_stacks_get_the_8_bit_stacks_answer(demo_run, sample_pages, t
 def test_the_sample_reads_as_libtiff_decodes_it(sample_pages):
     case = reader.read_stack(shared_path("gc-sample", "input", "images", INPUT_INTERFACE, "stack_5.tiff"))
     np.testing.assert_array_equal(np.stack(case.pages), sample_pages)
+
+
+def test_samples_are_scaled_by_the_range_the_file_states(tmp_path):
+    """A 12-bit camera's values in 16-bit samples, MaxSampleValue 4095: read by that range, not 16x too dark."""
+    values = np.random.default_rng(0).integers(0, 4096, (16, 16, 3), np.uint16)
+    data = tiff_bytes(values[None], photometric="rgb", extratags=[(281, 3, 1, 4095, True)])
+    expected = np.floor(values.astype(np.float64) * 255 / 4095 + 0.5).astype(np.uint8)
+    np.testing.assert_array_equal(read(tmp_path, data).pages[0], expected)
+    values[0, 0, 0] = 4096
+    data = tiff_bytes(values[None], photometric="rgb", extratags=[(281, 3, 1, 4095, True)])
+    assert_refused(tmp_path, data, "samples exceed their stated range 0-4095")

@@ -311,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError:  # started with stderr closed: the log goes nowhere rather than failing the run
         os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
         sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 (fd 2 lives as long as the process)
+    sys.stderr.reconfigure(errors="backslashreplace")  # a file name that is not UTF-8 is logged, not a logging error
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     try:
         run(args.input, args.output, resolve_model_dir(args.model), args.device, quiet=not args.debug)

@@ -406,7 +406,19 @@ def read_mha(path: Path) -> tuple[list[Page], list[str]]:
     import SimpleITK as sitk
 
     check_mha_header(path, mha_header(path))
-    image = sitk.ReadImage(str(path))
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("MetaImageIO")
+    try:
+        str(path).encode()
+        reader.SetFileName(str(path))
+        image = reader.Execute()
+    except UnicodeEncodeError:  # a name that is not UTF-8 aborts SimpleITK's process: hand it the open file instead
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            reader.SetFileName(f"/proc/self/fd/{fd}")
+            image = reader.Execute()
+        finally:
+            os.close(fd)
     components = image.GetNumberOfComponentsPerPixel()
     if components not in (1, 3):
         raise InputError(f"{path.name}: expected 1 (grey) or 3 (RGB) components per pixel, got {components}")

@@ -4,12 +4,13 @@ zero-sized and oversized declarations are refused from the header alone."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
 import numpy as np
 import pytest
-from conftest import PROCESS, assert_clean_failure, run_cli
+from conftest import PROCESS, assert_clean_failure, red_mean_model, run_cli
 
 from contracts import INPUT_INTERFACE
 from reader import InputError, read_stack
@@ -87,7 +88,8 @@ def test_declared_sizes_are_refused_from_the_header_alone(case, fields, words):
         read_stack(case / "stack.mha")
 
 
-def test_the_container_refuses_data_elsewhere_in_one_line(case, model_dir, tmp_path):
+def test_the_container_refuses_data_elsewhere_in_one_line(case, tmp_path):
+    model_dir = red_mean_model(tmp_path / "model")
     with_header(case / "stack.mha", ElementDataFile="/etc/passwd")
     result = run_cli(
         PROCESS, "--input", tmp_path / "in", "--output", tmp_path / "out", "--model", model_dir, check=False
@@ -148,7 +150,8 @@ def test_declared_tiff_sizes_are_refused_before_decoding(tmp_path):
         read_stack(tiff_with(tmp_path, np.zeros((1, 16, 16, 3), np.uint8), width(60000)))
 
 
-def test_a_stack_linked_from_outside_the_input_is_refused(tmp_path, model_dir):
+def test_a_stack_linked_from_outside_the_input_is_refused(tmp_path):
+    model_dir = red_mean_model(tmp_path / "model")
     folder = tmp_path / "in" / "images" / INPUT_INTERFACE
     folder.mkdir(parents=True)
     (tmp_path / "elsewhere.tiff").write_bytes(b"II*\0")
@@ -160,7 +163,8 @@ def test_a_stack_linked_from_outside_the_input_is_refused(tmp_path, model_dir):
     assert_clean_failure(result, tmp_path / "out", "stack.tiff", "outside the input folder")
 
 
-def test_an_input_path_longer_than_the_system_allows(tmp_path, model_dir):
+def test_an_input_path_longer_than_the_system_allows(tmp_path):
+    model_dir = red_mean_model(tmp_path / "model")
     too_long = tmp_path / ("x/" * 2100)
     result = run_cli(PROCESS, "--input", too_long, "--output", tmp_path / "out", "--model", model_dir, check=False)
     assert result.returncode == 2
@@ -199,3 +203,15 @@ def test_a_strip_whose_codestream_declares_more_than_its_page_is_refused_undecod
     path.write_bytes(bytes(data) + stream)
     with pytest.raises(InputError, match="strip 1 declares 2000x3000 pixels, the page holds 128x128: refused"):
         read_stack(path)
+
+
+def test_an_mha_under_a_name_that_is_not_utf8_is_answered(case, tmp_path):
+    model_dir = red_mean_model(tmp_path / "model")
+    """SimpleITK aborts the whole process on such a name; the reader hands it the open file instead."""
+    os.rename(case / "stack.mha", os.fsencode(case) + b"/st\xffack.mha")
+    result = run_cli(
+        PROCESS, "--input", tmp_path / "in", "--output", tmp_path / "out", "--model", model_dir, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "st\\udcffack.mha" in result.stderr and "Logging error" not in result.stderr
+    assert len(json.loads((tmp_path / "out" / "multiple-mitotic-figure-classification.json").read_text())) == 2

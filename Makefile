@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 DEMO := demo
 
-.PHONY: install demo test lint clean gpu-check
+.PHONY: install demo test lint clean gpu-check fuzz
 
 $(INSTALLED): requirements.txt training/requirements.txt test/requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ lint: $(INSTALLED)
 
 test: lint
 	$(PY) -m pytest
+
+# process.py fuzzed as a whole process (test/test_fuzz_process.py): 300 mutants a seed instead of make test's 8
+fuzz: $(INSTALLED)
+	FUZZ_EXAMPLES=300 FUZZ_REPORT=fuzz-report.json $(PY) -m pytest -q test/test_fuzz_process.py
 
 # On one GPU (docs/benchmarks.md): the Virchow-size ensemble served and trained, into one JSON. GPU_PYTHON: an
 # interpreter with torch, timm, peft, onnx and the inference requirements (the GPU machine's own, or this venv).

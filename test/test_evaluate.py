@@ -7,7 +7,8 @@ import pytest
 from conftest import run_cli
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, recall_score, roc_auc_score
 
-from training.evaluate import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, evaluate, read_predictions
+from training.evaluate import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, evaluate
+from training.metrics import read_predictions
 
 
 @pytest.fixture
@@ -133,3 +134,23 @@ def test_another_probability_column_is_scored_by_name(predictions_csv, tmp_path)
     assert abs(result["balanced_accuracy"] - balanced_accuracy_score(label, other >= 0.5)) < 1e-9
     with pytest.raises(ValueError, match="missing columns"):
         read_predictions(renamed, 0.5)  # the default column is not there
+
+
+def test_several_predictions_files_are_averaged_figure_by_figure(tmp_path):
+    """Runs to ensemble, scored before export: the mean probability per image_id, in any row order."""
+    from training.metrics import read_mean_predictions
+
+    header = "image_id,label,prob_atypical,domain\n"
+    (tmp_path / "a.csv").write_text(header + "x,1,0.9,s\ny,0,0.2,s\nz,1,0.4,s\n")
+    (tmp_path / "b.csv").write_text(header + "z,1,0.8,s\nx,1,0.5,s\ny,0,0.6,s\n")
+    mean = read_mean_predictions([tmp_path / "a.csv", tmp_path / "b.csv"], threshold=0.5)
+    np.testing.assert_allclose(mean["prob"], [0.7, 0.4, 0.6])
+    assert mean["pred"].tolist() == [1, 0, 1] and mean["label"].tolist() == [1, 0, 1]
+    with pytest.raises(ValueError, match="give --threshold"):
+        read_mean_predictions([tmp_path / "a.csv", tmp_path / "b.csv"])
+    (tmp_path / "c.csv").write_text(header + "x,1,0.9,s\ny,1,0.2,s\nz,1,0.4,s\n")
+    with pytest.raises(ValueError, match=r"c\.csv: labels differ"):
+        read_mean_predictions([tmp_path / "a.csv", tmp_path / "c.csv"], threshold=0.5)
+    (tmp_path / "d.csv").write_text(header + "x,1,0.9,s\nw,0,0.2,s\n")
+    with pytest.raises(ValueError, match=r"d\.csv: scores other figures"):
+        read_mean_predictions([tmp_path / "a.csv", tmp_path / "d.csv"], threshold=0.5)

@@ -80,11 +80,13 @@ def _predict(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from training.evaluate import evaluate_file
 
+    if args.report and len(args.predictions) > 1:
+        raise ValueError("--report shows one predictions file")
     evaluate_file(args.predictions, args.json, args.threshold, args.column)
     if args.report:
         from training.pages import write_report
 
-        write_report(args.predictions, args.report, args.threshold, args.column, args.data_root)
+        write_report(args.predictions[0], args.report, args.threshold, args.column, args.data_root)
 
 
 def _review(args: argparse.Namespace) -> None:
@@ -187,7 +189,13 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("evaluate", help="the challenge's figures for a predictions CSV, pooled and per domain")
-    p.add_argument("--predictions", type=Path, required=True, help="image_id, label, prob_atypical, pred, domain")
+    p.add_argument(
+        "--predictions",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="image_id, label, prob_atypical, pred, domain; several: their mean per figure (needs --threshold)",
+    )
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--threshold", type=float, help="classes from prob_atypical >= this instead of a pred column")
     p.add_argument(

@@ -23,7 +23,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from contracts import classify
-from training.metrics import balanced_accuracy, choose_threshold, read_predictions
+from training.metrics import balanced_accuracy, choose_threshold, read_mean_predictions
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +108,10 @@ def table(result: dict) -> str:
 
 
 def evaluate_file(
-    path: Path, json_out: Path | None = None, threshold: float | None = None, column: str = "prob_atypical"
+    paths: list[Path], json_out: Path | None = None, threshold: float | None = None, column: str = "prob_atypical"
 ) -> dict:
-    result = evaluate(read_predictions(path, threshold, column))
+    """The figures of one predictions file, or of the mean of several (``metrics.read_mean_predictions``)."""
+    result = evaluate(read_mean_predictions(paths, threshold, column))
     print(table(result))  # the report is this command's output
     if json_out is not None:
         json_out.write_text(json.dumps(nan_as_null(result), indent=1, allow_nan=False) + "\n")

@@ -139,3 +139,28 @@ def pool_out_of_fold(val_files: list[Path], oof_file: Path, domain_balanced: boo
         str(s): summarize(labels[scanners == s], probs[scanners == s], threshold) for s in np.unique(scanners)
     }
     return summary
+
+
+def read_mean_predictions(paths: list[Path], threshold: float | None = None, column: str = "prob_atypical") -> dict:
+    """``read_predictions`` of one file; of several (the same figures scored by several models, e.g. each run's
+    ``oof.csv`` or its ``external/<name>.csv``), the mean probability per ``image_id``, every file weighing the
+    same (an ensemble of runs with as many folds each), classes at ``threshold``, which several files require.
+    ValueError naming the file whose figures or labels differ from the first's."""
+    if len(paths) == 1:
+        return read_predictions(paths[0], threshold, column)
+    if threshold is None:
+        raise ValueError("several predictions files are averaged, then classed: give --threshold")
+    first = read_predictions(paths[0], threshold, column)
+    ids = [r["image_id"] for r in read_rows(paths[0])]
+    probs = [first["prob"]]
+    for path in paths[1:]:
+        other = read_predictions(path, threshold, column)
+        where = {r["image_id"]: i for i, r in enumerate(read_rows(path))}
+        if set(where) != set(ids):
+            raise ValueError(f"{path}: scores other figures than {paths[0]}")
+        order = np.array([where[i] for i in ids])
+        if not np.array_equal(other["label"][order], first["label"]):
+            raise ValueError(f"{path}: labels differ from {paths[0]}'s")
+        probs.append(other["prob"][order])
+    mean = np.mean(probs, axis=0)
+    return {**first, "prob": mean, "pred": classify(mean, threshold).astype(int)}

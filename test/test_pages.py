@@ -11,7 +11,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import PROCESS, REPO, red_mean_model, run_cli
 
 BROWSER = shutil.which("chromium")
 
@@ -140,3 +140,23 @@ def test_the_review_shows_the_case_as_process_answers_it(demo_run, tmp_path):
     assert (tmp_path / "v" / "review.png").stat().st_size > 20_000
     images, broken = in_browser(tmp_path / "v" / "review.html", tmp_path)
     assert images == 17 and broken == 0
+
+
+def test_the_score_report_shows_each_case_page_with_its_answer(tmp_path):
+    """score --report: the container's answers to cases, each page shown from its case's stack."""
+    from training.synthetic import write_midog25
+
+    write_midog25(tmp_path / "data", n=40, seed=2, n_slides=4)
+    cases, answers = tmp_path / "cases", tmp_path / "answers"
+    run_cli("-m", "training", "stacks", "--data-root", tmp_path / "data", "--output", cases, "--stack-size", "8")
+    model = red_mean_model(tmp_path / "model")
+    for case in sorted(cases.glob("stack_*")):
+        run_cli(PROCESS, "--input", case, "--output", answers / case.name, "--model", model, "--device", "cpu")
+    truth = cases / "ground_truth.json"
+    run_cli("-m", "training", "score", "--ground-truth", truth, "--answers", answers, "--report", tmp_path / "r")
+    rows = list(csv.DictReader((tmp_path / "r" / "predictions.csv").open()))
+    assert len(rows) == 40 and rows[0]["image_id"] == "stack_1.tiff#0"
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert "crop not found" not in page and "stack_1.tiff#0" in page
+    images, broken = in_browser(tmp_path / "r" / "report.html", tmp_path)
+    assert images > 3 + 16 and broken == 0

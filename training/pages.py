@@ -16,6 +16,7 @@ with its plots beside it as PNG.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import html
 import io
@@ -157,14 +158,34 @@ def confusion_tables(preds: dict) -> str:
     return '<div class="cards">' + "".join(out) + "</div>"
 
 
+STACK_PAGE = "#"  # "stack.tiff#3": page 3 (from 0) of a case's stack, as score --report names its crops
+
+
 def crop_paths(rows: list[dict], data_roots: list[Path]) -> list[Path | None]:
-    """Each row's crop: its ``path`` column, else its ``image_id`` in one of ``data_roots``; None if neither."""
+    """Each row's crop: its ``path`` column (a PNG, or ``stack.tiff#k``, a page of a case's stack), else its
+    ``image_id`` in one of ``data_roots``; None if neither is a file."""
     known = {f.image_id: f.path for root in data_roots for f in read_dataset(root)}
     paths = []
     for row in rows:
         path = Path(row["path"]) if row.get("path") else known.get(row["image_id"])
-        paths.append(path if path is not None and path.is_file() else None)
+        file = path if path is None else path.with_name(path.name.split(STACK_PAGE)[0])
+        paths.append(path if file is not None and file.is_file() else None)
     return paths
+
+
+@functools.lru_cache(maxsize=8)
+def _stack_pages(path: Path) -> list[np.ndarray]:
+    from reader import read_stack
+
+    return read_stack(path).pages
+
+
+def crop_pixels(path: Path) -> np.ndarray:
+    """RGB uint8 [H, W, 3] of a crop file, or of one page of a stack (``stack.tiff#k``)."""
+    if STACK_PAGE in path.name:
+        name, page = path.name.rsplit(STACK_PAGE, 1)
+        return _stack_pages(path.with_name(name))[int(page)]
+    return np.asarray(Image.open(path).convert("RGB"))
 
 
 def card(row: dict, prob: float, path: Path | None, copies: int) -> str:
@@ -174,12 +195,8 @@ def card(row: dict, prob: float, path: Path | None, copies: int) -> str:
     if path is None:
         image = f'<div class="missing">crop not found: {html.escape(row.get("path") or row["image_id"])}</div>'
     else:
-        image = img_tag(
-            path.read_bytes()
-            if path.suffix.lower() == ".png"
-            else pixels_png(np.asarray(Image.open(path).convert("RGB"))),
-            row["image_id"],
-        )
+        png = path.read_bytes() if path.suffix.lower() == ".png" else pixels_png(crop_pixels(path))
+        image = img_tag(png, row["image_id"])
     flag = f'<div class="flag">1 crop, {copies} ids</div>' if copies > 1 else ""
     name = html.escape(path.name if path else row["image_id"])
     return (
@@ -195,7 +212,7 @@ def galleries(rows: list[dict], preds: dict, paths: list[Path | None], threshold
     shown = np.ones(len(rows), bool)
     for i, path in enumerate(paths):
         if path is not None:
-            key = hashlib.sha256(np.asarray(Image.open(path).convert("RGB")).tobytes()).digest()
+            key = hashlib.sha256(crop_pixels(path).tobytes()).digest()
             if key in first:
                 shown[i], copies[first[key]] = False, copies[first[key]] + 1
             else:

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from contracts import MAX_PAGES
+from contracts import INPUT_INTERFACE, MAX_PAGES
 from training.lab.score import (
     DOMAINS_FILE,
     GROUND_TRUTH_FILE,
     TIMES_FILE,
     ScoreError,
+    check_answer,
     collect_answers,
     natural_key,
     read_domain_names,
@@ -63,19 +64,48 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def write_score_report(ground_truth: Path, truth: dict, answers: list, names: dict[int, str], report: Path) -> Path:
+    """The answers as a predictions CSV (``report/predictions.csv``; each page's crop named ``<stack>#<page>``,
+    the stacks looked up in their case folders beside the ground truth) and its page (``training.pages``)."""
+    from training.pages import STACK_PAGE, write_report
+
+    rows = []
+    for answer in (a for a in answers if a.image in truth):
+        gt = truth[answer.image]
+        classes, probs = check_answer(answer.stack, json.loads(answer.path.read_text()), len(gt.labels))
+        stack = ground_truth.parent / Path(answer.image).stem / "images" / INPUT_INTERFACE / answer.image
+        for page, (label, domain, pred, prob) in enumerate(zip(gt.labels, gt.domains, classes, probs, strict=True)):
+            figure = f"{STACK_PAGE}{page}"
+            name = names.get(int(domain), str(domain))
+            rows.append([f"{answer.image}{figure}", label, repr(float(prob)), pred, name, f"{stack}{figure}"])
+    report.mkdir(parents=True, exist_ok=True)
+    with (report / "predictions.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([("image_id", "label", "prob_atypical", "pred", "domain", "path"), *rows])
+    return write_report(report / "predictions.csv", report)
+
+
 def score_folder(
-    ground_truth: Path, answers_dir: Path, json_out: Path | None = None, domains_file: Path | None = None
+    ground_truth: Path,
+    answers_dir: Path,
+    json_out: Path | None = None,
+    domains_file: Path | None = None,
+    report: Path | None = None,
 ) -> dict:
     """``python -m training score``: read, check, score, print the table, write ``json_out``. Domain names come
-    from ``domains_file``, else from a ``domains.json`` beside the ground truth, else the official ones."""
+    from ``domains_file``, else from a ``domains.json`` beside the ground truth, else the official ones. With
+    ``report``, the answers' page too (``write_score_report``)."""
     if domains_file is None and (ground_truth.parent / DOMAINS_FILE).is_file():
         domains_file = ground_truth.parent / DOMAINS_FILE
     truth = read_ground_truth(ground_truth)
-    result = score(truth, collect_answers(answers_dir, truth), read_domain_names(domains_file))
+    answers = collect_answers(answers_dir, truth)
+    names = read_domain_names(domains_file)
+    result = score(truth, answers, names)
     print(table(result))  # the report is this command's output
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
         log.info("wrote %s", json_out)
+    if report is not None:
+        write_score_report(ground_truth, truth, answers, names, report)
     return result
 
 
@@ -160,9 +190,10 @@ def run_and_score(
     json_out: Path | None = None,
     device: str | None = None,
     domains_file: Path | None = None,
+    report: Path | None = None,
 ) -> dict:
-    """``score --image``: run the image over the cases, then score. A failed case fails the command before
-    scoring, as one failed job fails a submission on the platform."""
+    """``score --image``: run the image over the cases, then score (and ``report``, as ``score_folder``). A failed
+    case fails the command before scoring, as one failed job fails a submission on the platform."""
     runs = run_image(image, cases_dir, answers_dir, device)
     failed = [r for r in runs if r.returncode != 0]
     if failed:
@@ -174,7 +205,7 @@ def run_and_score(
         )
     times = np.array([r.seconds for r in runs])
     log.info("%d cases, %.1f s each on average (max %.1f s)", len(runs), times.mean(), times.max())
-    return score_folder(ground_truth, answers_dir, json_out, domains_file)
+    return score_folder(ground_truth, answers_dir, json_out, domains_file, report)
 
 
 # ---------------------------------------------------------------------------------------------- building cases

@@ -54,9 +54,11 @@ def _score(args: argparse.Namespace) -> None:
 
     if args.image:
         cases = args.cases or args.ground_truth.parent
-        run_and_score(args.image, cases, args.ground_truth, args.answers, args.json, args.device, args.domains)
+        run_and_score(
+            args.image, cases, args.ground_truth, args.answers, args.json, args.device, args.domains, args.report
+        )
     else:
-        score_folder(args.ground_truth, args.answers, args.json, args.domains)
+        score_folder(args.ground_truth, args.answers, args.json, args.domains, args.report)
 
 
 def _experiment(args: argparse.Namespace) -> None:
@@ -162,6 +164,9 @@ def _add_scoring_commands(sub: argparse._SubParsersAction) -> None:
         "--domains",
         type=Path,
         help="domain id -> name JSON (default: domains.json beside the ground truth, else the official tumor domains)",
+    )
+    p.add_argument(
+        "--report", type=Path, metavar="DIR", help="also DIR/report.html: the pages themselves with their answers"
     )
     p.add_argument("--image", help="run this container image over --cases first, one docker run per case")
     p.add_argument("--cases", type=Path, help="the case folders (default: the ground truth's folder)")

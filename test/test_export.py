@@ -101,7 +101,9 @@ def test_manifest_describes_the_run(demo_run):
     assert manifest.threshold == summary["threshold"]
     assert manifest.folds == 3 and manifest.backbone == "tiny-virchow"
     assert manifest.oof_metrics["balanced_accuracy"] == summary["oof"]["balanced_accuracy"]
-    assert manifest.training_config == load_config(demo_run["run"] / "config.yaml").model_dump()
+    (member,) = manifest.members
+    assert member.training_config == load_config(demo_run["run"] / "config.yaml").model_dump()
+    assert (member.run, member.folds, member.oof_metrics) == (demo_run["run"].name, 3, manifest.oof_metrics)
 
 
 def test_run_folder_layout(demo_run):
@@ -119,7 +121,7 @@ def test_run_folder_layout(demo_run):
             assert (run / f"fold_{k}" / name).is_file(), f"fold_{k}/{name}"
         assert list((run / f"fold_{k}" / "tensorboard").glob("events.out.tfevents.*"))
     oof = (run / "oof.csv").read_text().splitlines()
-    assert oof[0] == "image_id,fold,label,prob_atypical,domain,tumor" and len(oof) == 1 + 600
+    assert oof[0] == "image_id,fold,label,prob_atypical,domain,tumor,votes,path" and len(oof) == 1 + 600
 
 
 def test_export_refuses_a_run_with_unfinished_folds(demo_run, tmp_path):
@@ -173,10 +175,11 @@ def test_predict_scores_a_dataset_through_the_serving_path(demo_run, tmp_path):
     out = tmp_path / "preds.csv"
     predict(out)
     rows = out.read_text().splitlines()
-    assert rows[0] == "image_id,label,prob_atypical,pred,domain" and len(rows) == 601
+    assert rows[0] == "image_id,label,prob_atypical,pred,domain,votes,path" and len(rows) == 601
     threshold = ModelManifest.load(demo_run["model"]).threshold
     for row in rows[1:]:
-        _, label, prob, pred, _ = row.split(",")
+        _, label, prob, pred, _, votes, path = row.split(",")
+        assert len(votes) in (2, 3) and path.endswith(".png")
         assert int(pred) == (float(prob) >= threshold) and label in ("0", "1")
     report = run_cli("-m", "training", "evaluate", "--predictions", out)  # predict's output feeds evaluate
     assert "bootstrap interval" in report.stdout

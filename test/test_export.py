@@ -268,5 +268,8 @@ def test_int8_quantizes_folds_that_share_their_weights(pixels, tmp_path):
     assert sum(n.op_type == "MatMulInteger" for n in quantized.node) == linears == 26
     int8_weights = [t for t in quantized.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
     assert len(int8_weights) == 13  # each once: the head's Gemm copies, which the quantizer needs, merged after
-    check = check_parity(tmp_path / "shared.onnx", tmp_path / "shared.int8.onnx", pixels, 0.5, REDUCED_PRECISIONS[1])
-    assert check.accepted and 0 < check.max_abs_dp <= 0.02
+    int8 = REDUCED_PRECISIONS[1]
+    check = check_parity(tmp_path / "shared.onnx", tmp_path / "shared.int8.onnx", pixels, 0.5, int8)
+    # within int8's probability limit; classes are not compared: an untrained model answers every page near 0.5,
+    # where a CPU without VNNI (AVX2's int8 kernels) flips some of them within that limit
+    assert 0 < check.max_abs_dp <= int8.max_dp

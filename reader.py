@@ -255,16 +255,21 @@ def tifffile_complaints() -> Iterator[list[str]]:
 TIFF_TYPE_BYTES = {1: 1, 3: 2, 4: 4, 16: 8}  # BYTE, SHORT, LONG, LONG8: the types of the size tags
 
 
+def _uint(data: bytes, order: str, size: int, at: int) -> int:
+    """The unsigned integer of ``size`` bytes at ``at``, in the file's byte order ('<' or '>')."""
+    return int(np.frombuffer(data, f"{order}u{size}", 1, at)[0])
+
+
 def _tiff_value(data: bytes, order: str, entry: int, big: bool) -> list[int]:
     """An IFD entry's values of an integer type, inline or at its offset; [] for other types or out of file."""
-    code = np.frombuffer(data, f"{order}u2", 1, entry + 2)[0]
-    count = int(np.frombuffer(data, f"{order}u8" if big else f"{order}u4", 1, entry + 4)[0])
-    size = TIFF_TYPE_BYTES.get(int(code))
+    word = 8 if big else 4  # offsets and counts
+    count = _uint(data, order, word, entry + 4)
+    size = TIFF_TYPE_BYTES.get(_uint(data, order, 2, entry + 2))
     if size is None or count < 1 or count > 16:
         return []
-    field = entry + (12 if big else 8)
-    if size * count > (8 if big else 4):  # not inline: the field holds the values' offset
-        field = int(np.frombuffer(data, f"{order}u8" if big else f"{order}u4", 1, field)[0])
+    field = entry + 4 + word
+    if size * count > word:  # not inline: the field holds the values' offset
+        field = _uint(data, order, word, field)
     if field + size * count > len(data):
         return []
     return [int(v) for v in np.frombuffer(data, f"{order}u{size}", count, field)]
@@ -280,11 +285,12 @@ def check_tiff_declarations(path: Path) -> None:
     if len(data) < 8 or data[:2] not in (b"II", b"MM"):
         return  # not a TIFF header: tifffile's own refusal names it
     order = "<" if data[:2] == b"II" else ">"
-    version = int(np.frombuffer(data, f"{order}u2", 1, 2)[0])
+    version = _uint(data, order, 2, 2)
     big = version == 43
     if version not in (42, 43) or (big and len(data) < 16):
         return
-    offset = int(np.frombuffer(data, f"{order}u8" if big else f"{order}u4", 1, 8 if big else 4)[0])
+    word = 8 if big else 4  # offsets and counts
+    offset = _uint(data, order, word, word)
     seen, total = set(), 0
     while offset:
         if offset in seen:
@@ -297,14 +303,14 @@ def check_tiff_declarations(path: Path) -> None:
                 f"{path.name}: damaged TIFF (page {len(seen) + 1}'s IFD offset is past the end of the file)"
             )
         seen.add(offset)
-        count = int(np.frombuffer(data, f"{order}u8" if big else f"{order}u2", 1, offset)[0])
+        count = _uint(data, order, head, offset)
         step = 20 if big else 12
         end = offset + head + count * step
-        if end + (8 if big else 4) > len(data):
+        if end + word > len(data):
             raise InputError(f"{path.name}: damaged TIFF (page {len(seen)}'s IFD runs past the end of the file)")
         tags = {}
         for entry in range(offset + head, end, step):
-            tag = int(np.frombuffer(data, f"{order}u2", 1, entry)[0])
+            tag = _uint(data, order, 2, entry)
             if tag in (256, 257, 258, 277, 32997):  # width, length, bits, samples, depth
                 tags[tag] = _tiff_value(data, order, entry, big)
         width, length = (tags.get(t, [1])[0] for t in (256, 257))
@@ -319,7 +325,7 @@ def check_tiff_declarations(path: Path) -> None:
         total += width * length * max(depth, 1) * max(samples, 1) * -(-bits // 8)
         if total > MAX_DECLARED_BYTES:
             raise InputError(f"{path.name}: refused, declares more than {MAX_DECLARED_BYTES >> 20} MiB of samples")
-        offset = int(np.frombuffer(data, f"{order}u8" if big else f"{order}u4", 1, end)[0])
+        offset = _uint(data, order, word, end)
 
 
 def read_tiff(path: Path) -> tuple[list[Page], list[str]]:

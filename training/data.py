@@ -25,6 +25,7 @@ import hashlib
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -282,9 +283,7 @@ def read_atnorm(root: Path) -> list[Figure]:
     files = [
         (name, label, path) for name, label in ATNORM_CLASSES.items() for path in sorted((root / name).glob("*.png"))
     ]
-    bare = {}
-    for _, _, path in files:
-        bare[path.name] = bare.get(path.name, 0) + 1
+    bare = Counter(path.name for _, _, path in files)  # a bare file name in the CSV must name one crop
     figures, disagree = [], []
     for folder, label, path in files:
         key = f"{folder}/{path.name}"

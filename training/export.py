@@ -49,7 +49,7 @@ from contracts import (
 )
 from training import onnx_weights
 from training.adapt import load_fold_model
-from training.config import load_run_config
+from training.config import TrainConfig, load_run_config
 from training.data import decode_figures, read_datasets
 from training.metrics import choose_threshold, read_rows, summarize
 from training.model import Classifier, CrossRunEnsemble, Ensemble, classifier_for, preprocess_for
@@ -229,16 +229,16 @@ def _finite(figures: dict[str, float]) -> dict[str, float | None]:
     return {k: float(v) if math.isfinite(v) else None for k, v in figures.items()}
 
 
-def _same_folds_and_pixel_size(runs: list[RunFolder]) -> None:
+def _same_folds_and_pixel_size(runs: list[RunFolder], configs: list[TrainConfig]) -> None:
     """Runs that can share one graph and one threshold: the same folds, the same pixel size. ValueError if not."""
-    first, first_cfg = runs[0], load_run_config(runs[0])
-    for run in runs[1:]:
+    first, first_cfg = runs[0], configs[0]
+    for run, cfg in zip(runs[1:], configs[1:], strict=True):
         if run.read_val_ids() != first.read_val_ids():
             raise ValueError(
                 f"{run.path}: its splits.json differs from {first.path}'s; runs ensembled together must be trained "
                 "on the same folds (the same data, split and seed)"
             )
-        if (size := load_run_config(run).pixel_size_um) != first_cfg.pixel_size_um:
+        if (size := cfg.pixel_size_um) != first_cfg.pixel_size_um:
             raise ValueError(
                 f"{run.path}: trained at {size} um/px, {first.path} at {first_cfg.pixel_size_um}: one graph serves "
                 "one pixel size"
@@ -270,18 +270,17 @@ def export_run(
     ``PARITY_PATCHES``; the manifest records it). ValueError, in one line, for runs that cannot share one graph."""
     started = time.perf_counter()
     runs = [RunFolder(run_dir) for run_dir in run_dirs]
-    for run in runs:
-        cfg = load_run_config(run)
+    configs = [load_run_config(run) for run in runs]
+    for run, cfg in zip(runs, configs, strict=True):
         if unfinished := run.unfinished_folds(cfg.folds):
             raise ValueError(f"{run.path}: fold(s) {unfinished} have not finished training")
     if folds is not None and len(runs) > 1:
         raise ValueError("--fold picks folds of one run; an ensemble of runs takes every fold of each")
-    _same_folds_and_pixel_size(runs)
+    _same_folds_and_pixel_size(runs, configs)
     threshold, oof_metrics = combined_out_of_fold(runs)
     parity_pixels = verification_pixels(runs[0].path, PARITY_PATCHES if parity_patches is None else parity_patches)
     members, records = [], []
-    for run in runs:
-        cfg = load_run_config(run)
+    for run, cfg in zip(runs, configs, strict=True):
         chosen = list(range(cfg.folds)) if folds is None else sorted(set(folds))
         if not chosen or not all(0 <= k < cfg.folds for k in chosen):
             raise ValueError(f"{run.path}: folds {folds} outside 0..{cfg.folds - 1}")
@@ -304,7 +303,7 @@ def export_run(
         output_dir,
         records=records,
         oof_metrics=oof_metrics,
-        pixel_size_um=load_run_config(runs[0]).pixel_size_um,
+        pixel_size_um=configs[0].pixel_size_um,
     )
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
     log.info("export took %.0f s, peak resident memory %.1f GiB", time.perf_counter() - started, peak_gb)

@@ -27,7 +27,7 @@ WORKDIR /opt/app
 COPY requirements.txt /opt/app/
 RUN pip install --requirement /opt/app/requirements.txt
 
-COPY contracts.py reader.py process.py inference.py /opt/app/
+COPY contracts.py declared.py reader.py process.py inference.py /opt/app/
 # upload/: the graph a GPU serves and its manifest, nothing else (test.sh and export.sh write it from model/)
 COPY upload/ /opt/app/model/
 

@@ -4,7 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
-DEMO := demo
+DEMO ?= demo
+MODEL ?= model
+UPLOAD ?= upload
 
 .PHONY: install demo test lint clean gpu-check fuzz
 
@@ -17,11 +19,13 @@ $(INSTALLED): requirements.txt training/requirements.txt test/requirements.txt
 
 install: $(INSTALLED)
 
+# the last two steps leave the tree `docker build` needs: upload/ (the graph a GPU serves) and an answer to compare
 demo: $(INSTALLED)
 	$(PY) -m training synth --output $(DEMO)/data
 	$(PY) -m training train --config training/configs/tiny-demo.yaml --data-root $(DEMO)/data --output $(DEMO)/run
-	$(PY) -m training export $(DEMO)/run --output model
-	$(PY) process.py --input test/input --output $(DEMO)/output --device cpu
+	$(PY) -m training export $(DEMO)/run --output $(MODEL)
+	$(PY) -m training upload $(MODEL) --output $(UPLOAD)
+	$(PY) process.py --input test/input --output $(DEMO)/output --model $(MODEL) --device cpu
 	@cat $(DEMO)/output/multiple-mitotic-figure-classification.json
 
 lint: $(INSTALLED)
@@ -41,7 +45,7 @@ fuzz: $(INSTALLED)
 GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 GPU_CHECK_JSON ?= gpu-check.json
 gpu-check:
-	$(GPU_PYTHON) -m training gpu-check --device cuda --backbone virchow-size --json $(GPU_CHECK_JSON)
+	$(GPU_PYTHON) -m training gpu-check --device cuda --backbone virchow-size-random --json $(GPU_CHECK_JSON)
 
 clean:
-	rm -rf $(DEMO) upload model/*.onnx model/*.onnx.data model/manifest.json
+	rm -rf $(DEMO) $(UPLOAD) $(MODEL)/*.onnx $(MODEL)/*.onnx.data $(MODEL)/manifest.json

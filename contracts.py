@@ -231,7 +231,10 @@ class ModelManifest(BaseModel):
         try:
             return cls.model_validate_json(path.read_text())
         except FileNotFoundError:
-            raise ContractError(f"{path}: no manifest (export a model first)") from None
+            raise ContractError(
+                f"{path}: no manifest; export a model there first (python -m training export RUN --output "
+                f"{model_dir}; make demo writes model/)"
+            ) from None
         except OSError as err:
             raise ContractError(f"{path}: cannot read the manifest ({err.strerror})") from None
         except UnicodeDecodeError as err:

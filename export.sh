@@ -13,10 +13,12 @@ IMAGE=${IMAGE:-midog25-track2}
 IMAGE_ARCHIVE="${IMAGE//[\/:]/_}.tar.gz"
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 
-if [ ! -f model/manifest.json ]; then
-    echo "export.sh: model/manifest.json missing: export a model first (python -m training export RUN --output model)" >&2
-    exit 1
-fi
+SCRIPT=export.sh
+# shellcheck source=preflight.sh
+source ./preflight.sh
+need_model
+need_engine
+need_base
 "$PYTHON" -m training upload model --output upload
 mapfile -t model_files < <(python3 -c 'import json; print("\n".join(["manifest.json", *json.load(open("upload/manifest.json"))["files"]]))')
 

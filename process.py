@@ -25,7 +25,7 @@ Contract (Grand Challenge algorithm, one case per run):
             JPEG or JPEG 2000 strip or tile whose own header declares more pixels than its page gives it
           - an .mha's data lies in the file itself (ElementDataFile = LOCAL) or in a regular file beside it in the
             input folder; any other place (a path, "..", a symlink, a FIFO, a file list) is refused unread, and
-            its header's sizes are checked before decoding by the same limits (reader.MAX_DECLARED_PAGES,
+            its header's sizes are checked before decoding by the same limits (declared.MAX_DECLARED_PAGES,
             MAX_PAGE_PIXELS, MAX_DECLARED_BYTES)
   output  OUTPUT_DIR/multiple-mitotic-figure-classification.json: a list with one
           {"class": "normal" | "atypical", "confidence": P(atypical) as a float} per figure, in page order; each
@@ -81,6 +81,7 @@ from reader import TIFF_SUFFIXES, InputError, read_stack
 INPUT_DIR = Path("/input")
 OUTPUT_DIR = Path("/output")
 GC_MODEL_DIR = Path("/opt/ml/model")
+APP_DIR = Path("/opt/app")  # where the image holds this file
 BAKED_MODEL_DIR = Path(__file__).resolve().parent / "model"
 DEVICE_ENV = "MIDOG_DEVICE"
 DEVICES = ("auto", "cuda", "cpu")
@@ -100,14 +101,21 @@ class DeviceError(RuntimeError):
 EXIT_CODES: dict[type[Exception], int] = {InputError: 2, OutputError: 3, ContractError: 4, DeviceError: 5}
 
 
+def _shorter(path: Path) -> str:
+    return str(path) if len(str(path)) <= 200 else f"{str(path)[:60]}...{str(path)[-60:]}"
+
+
 def find_stack(input_dir: Path) -> Path:
     """The case's one stack: a regular file in the stack folder (a symlink only where it stays inside the input
     folder). InputError otherwise, naming the folder (shortened when the path is too long to name)."""
     folder = input_dir / STACK_SUBDIR
-    shown = str(folder) if len(str(folder)) <= 200 else f"{str(folder)[:60]}...{str(folder)[-60:]}"
+    shown = _shorter(folder)
     try:
+        if not input_dir.is_dir():
+            what = "not a folder" if input_dir.exists() else "no such folder"
+            raise InputError(f"{_shorter(input_dir)}: {what}; --input is a case folder holding {STACK_SUBDIR}/<stack>")
         if not folder.is_dir():
-            raise InputError(f"{shown}: no such folder")
+            raise InputError(f"{shown}: no such folder (a case folder holds {STACK_SUBDIR}/<stack>)")
         files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
         inside = input_dir.resolve()
     except OSError as err:
@@ -130,7 +138,8 @@ def resolve_model_dir(explicit: Path | None) -> Path:
     if (GC_MODEL_DIR / MANIFEST_FILENAME).is_file():
         log.info("model folder %s: Grand Challenge's model tarball", GC_MODEL_DIR)
         return GC_MODEL_DIR
-    log.info("model folder %s: baked into the image (no manifest under %s)", BAKED_MODEL_DIR, GC_MODEL_DIR)
+    where = "baked into the image" if BAKED_MODEL_DIR.parent == APP_DIR else "beside process.py (no --model given)"
+    log.info("model folder %s: %s (no manifest under %s)", BAKED_MODEL_DIR, where, GC_MODEL_DIR)
     return BAKED_MODEL_DIR
 
 
@@ -257,16 +266,16 @@ def run(input_dir: Path, output_dir: Path, model_dir: Path, device: str, quiet: 
     check_output_folder(output_dir)
     stack = find_stack(input_dir)
     case = read_stack(stack)
-    sizes = sorted({f"{s:.3f}" if s is not None else "none" for s in case.pixel_sizes_um})
-    log.info("read %s: %d page(s) at %s um/px", stack.name, len(case.pages), ", ".join(sizes))
+    sizes = sorted({f"{s:.3f} um/px" if s is not None else "no pixel size recorded" for s in case.pixel_sizes_um})
+    log.info("read %s: %d page(s), %s", stack.name, len(case.pages), ", ".join(sizes))
     ensemble = OnnxEnsemble(model_dir, device, quiet)
     log.info(
-        "model %s (%s, %d folds, threshold %.4f, trained at %s um/px) in %s on %s",
+        "model %s (%s, %d folds, threshold %.4f, %s) in %s on %s",
         model_dir,
         ensemble.manifest.backbone,
         ensemble.manifest.folds,
         ensemble.manifest.threshold,
-        ensemble.manifest.pixel_size_um or "any",
+        f"trained at {size} um/px" if (size := ensemble.manifest.pixel_size_um) else "no pixel size of its own",
         ensemble.precision,
         ensemble.provider,
     )

@@ -20,10 +20,13 @@ PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo pyth
 EXPECTED=${EXPECTED:-test/expected_output.json}
 OUTPUT_JSON=multiple-mitotic-figure-classification.json
 
-if [ ! -f model/manifest.json ]; then
-    echo "test.sh: model/manifest.json missing: export a model first (make demo, or python -m training export)" >&2
-    exit 1
-fi
+SCRIPT=test.sh
+# shellcheck source=preflight.sh
+source ./preflight.sh
+need_model
+need_engine
+[ -z "$GPUS" ] || need_gpu_runtime
+need_base
 
 "$PYTHON" -m training upload model --output upload
 docker build ${BASE_IMAGE:+--build-arg "BASE_IMAGE=$BASE_IMAGE"} --tag "$IMAGE" .

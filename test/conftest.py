@@ -93,13 +93,21 @@ def model_dir(demo_run):
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory) -> dict[str, Path]:
-    """The demo chain's first three steps, through the CLI: synthetic data -> 3 trained folds -> exported model."""
+    """``make demo`` as the README gives it, into a scratch folder (this interpreter, the venv taken as installed):
+    synthetic data -> 3 trained folds -> exported model -> upload -> the answer on test/input."""
     root = tmp_path_factory.mktemp("demo")
-    data, run, model = root / "data", root / "run", root / "model"
-    run_cli("-m", "training", "synth", "--output", data)
-    run_cli("-m", "training", "train", "--config", DEMO_CONFIG, "--data-root", data, "--output", run)
-    run_cli("-m", "training", "export", run, "--output", model)
-    return {"data": data, "run": run, "model": model}
+    paths = {"data": root / "data", "run": root / "run", "model": root / "model", "upload": root / "upload"}
+    places = [f"PY={sys.executable}", f"DEMO={root}", f"MODEL={paths['model']}", f"UPLOAD={paths['upload']}"]
+    result = subprocess.run(
+        ["make", "--no-print-directory", "-o", ".venv/.installed", "demo", *places],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if result.returncode != 0:
+        pytest.fail(f"make demo exited {result.returncode}:\n{result.stderr[-3000:]}")
+    return {**paths, "answer": root / "output" / "multiple-mitotic-figure-classification.json", "log": result}
 
 
 def red_mean_model(model_dir: Path, pixel_size_um: float | None = None) -> Path:

@@ -19,9 +19,9 @@ from training.backbones import (
     create_backbone,
     load_pretrained_vit,
 )
-from training.config import LoraSettings
 from training.model import build_classifier
 from training.preprocess import Preprocess
+from training.spec import LoraSettings
 
 
 def _save_timm_folder(model: nn.Module, folder):
@@ -225,7 +225,7 @@ def test_class_token_head_is_timms_own_one_logit_head():
 
     cfg = load_config(REPO / "training" / "configs" / "virchow-lora-r8-cls-head.yaml")
     assert cfg.pooling == "cls" and cfg.backbone == "virchow"
-    clf = classifier_for(cfg.model_copy(update={"backbone": "tiny-virchow"})).eval()
+    clf = classifier_for(cfg.model_copy(update={"backbone": "tiny-virchow"}).spec()).eval()
     assert clf.embedding_dim == clf.backbone.num_features  # the class token alone, not CLS + mean (2x)
     timm_model = create_backbone("tiny-virchow")
     timm_model.load_state_dict(clf.backbone.state_dict())

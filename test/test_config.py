@@ -83,3 +83,19 @@ def test_a_run_folder_saved_with_a_removed_option_names_the_commit_that_trained_
         r"commit 0fba536 \(provenance.json\)",
     ):
         load_run_config(run)
+
+
+def test_a_run_saved_before_an_option_was_retired_loads_where_it_left_the_option_off(tmp_path):
+    """Options removed since (training.config.RETIRED) at the value that is now the only behaviour are dropped;
+    one that was in use is refused with the commit that trained the run."""
+    from training.config import load_run_config
+    from training.run import RunFolder
+
+    run = RunFolder(tmp_path)
+    save_config(load_config(DEMO_CONFIG), run.config)
+    off = "patience: null\nema_decay: null\nloss: weighted-bce\nfocal_gamma: 2.0\nmixup: 0.0\nthreshold: pooled\n"
+    run.config.write_text(run.config.read_text() + off)
+    assert load_run_config(run) == load_config(DEMO_CONFIG)
+    run.config.write_text(run.config.read_text().replace("mixup: 0.0", "mixup: 0.2"))
+    with pytest.raises(ValueError, match=r"'mixup': Extra inputs are not permitted; the run was trained at commit"):
+        load_run_config(run)

@@ -13,12 +13,13 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
 from conftest import REPO, red_mean_model, run_cli, shared_path
-from engine_fixtures import CPU, IMAGE, assert_golden, docker, run_case, writable_dir
+from engine_fixtures import CPU, IMAGE, TEST_BASE_IMAGE, assert_golden, docker, run_case, run_script, writable_dir
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from contracts import ANSWER_FILENAME, ModelManifest
@@ -26,6 +27,49 @@ from contracts import ANSWER_FILENAME, ModelManifest
 
 def test_test_sh_builds_the_image_and_gets_the_golden_answer(built):
     assert "OK" in built.stdout
+
+
+def readme_commands(containing: str) -> list[str]:
+    """The commands of the README's bash block that holds ``containing``, comments and blank lines left out."""
+    text = (REPO / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```bash\n")[1:]]
+    (block,) = [b for b in blocks if containing in b]
+    return [line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_the_readme_lines_build_the_image_and_answer_test_input_without_a_gpu(checkout, built, tmp_path):
+    """After make demo (the checkout holds what it leaves: model/ and upload/), the README's own lines, run as
+    written but for this session's tag and, with no registry in reach, the test base."""
+    commands = readme_commands("docker build")
+    assert [c.split()[:2] for c in commands] == [["docker", "build"], ["mkdir", "-p"], ["docker", "run"]]
+    tag = f"{IMAGE}-readme"
+    commands[0] = commands[0].replace("docker build", f"docker build --build-arg BASE_IMAGE={TEST_BASE_IMAGE}")
+    workdir = shutil.copytree(checkout, tmp_path / "repo", ignore=shutil.ignore_patterns("*.tar.gz"))
+    try:
+        for command in commands:
+            command = command.replace("midog25-track2", tag)
+            result = subprocess.run(["bash", "-c", command], cwd=workdir, capture_output=True, text=True, timeout=900)
+            assert result.returncode == 0, f"{command}:\n{result.stderr[-3000:]}"
+    finally:
+        docker("image", "rm", "--force", tag, check=False)
+    assert_golden(workdir / "demo" / "answer" / ANSWER_FILENAME, checkout / "golden.json")
+
+
+def test_test_sh_on_a_host_without_a_gpu_runtime_stops_at_once_naming_gpus(checkout):
+    if "nvidia" in docker("info", "--format", "{{json .Runtimes}}").stdout:
+        pytest.skip("this Docker host has a GPU runtime")
+    result = run_script(checkout, "test.sh", check=False, GPUS=None)
+    assert result.returncode == 1 and not result.stdout
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("test.sh: no GPU runtime on this Docker host") and "GPUS= ./test.sh" in line
+
+
+@pytest.mark.parametrize("script", ["test.sh", "export.sh"])
+def test_a_base_image_out_of_reach_is_named_with_the_variable_that_replaces_it(checkout, script):
+    result = run_script(checkout, script, check=False, GPUS="", BASE_IMAGE="midog25-no-such-base:none")
+    assert result.returncode == 1 and not result.stdout
+    (line,) = result.stderr.splitlines()
+    assert "cannot pull the base image midog25-no-such-base:none" in line and "BASE_IMAGE=" in line
 
 
 def test_image_is_what_both_runners_expect(built):
@@ -70,6 +114,14 @@ def test_grand_challenge_run_with_the_model_tarball(checkout, exported, tmp_path
     result, answer = run_case(tmp_path, *CPU, "--volume", f"{model_dir}:/opt/ml/model:ro")
     assert result.returncode == 0, result.stderr
     assert "model folder /opt/ml/model: Grand Challenge's model tarball" in result.stderr
+    assert_golden(answer, checkout / "golden.json")
+
+
+def test_a_run_with_no_writable_temp_dir_anywhere_still_answers(checkout, built, tmp_path):
+    """A read-only root file system and no tmpfs: /output is the one writable place (the answer is written next to
+    itself there; the decoders' stderr goes to a memfd)."""
+    result, answer = run_case(tmp_path, *CPU, "--read-only")
+    assert result.returncode == 0, result.stderr
     assert_golden(answer, checkout / "golden.json")
 
 
@@ -159,7 +211,7 @@ def test_score_runs_the_image_once_per_real_stack_and_scores_as_the_leaderboard(
         "--domain",
         "scanner",
     )
-    run_cli(
+    scored = run_cli(
         "-m",
         "training",
         "score",
@@ -174,6 +226,7 @@ def test_score_runs_the_image_once_per_real_stack_and_scores_as_the_leaderboard(
         "--json",
         metrics,
     )
+    assert f"{IMAGE} serves model /opt/app/model (" in scored.stderr  # which model the image holds, said once
     labels, classes, scores = [], [], []
     for stack in json.loads((cases / "ground_truth.json").read_text()):
         name = Path(stack["image"]).stem

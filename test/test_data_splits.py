@@ -10,15 +10,9 @@ import pytest
 from conftest import shared_path
 
 from training.config import TrainConfig
-from training.data import (
-    MIDOG25_COLUMNS,
-    MIDOG25_CSV,
-    DataError,
-    at_pixel_size,
-    decode_figures,
-    normalize_scanner,
-    read_midog25,
-)
+from training.data import MIDOG25_COLUMNS, MIDOG25_CSV, normalize_scanner, read_midog25
+from training.figure import DataError
+from training.pixels import at_pixel_size, decode_figures
 from training.run import RunFolder
 from training.splits import load_or_create_splits, make_folds, slide_grouped_folds
 from training.synthetic import write_midog25

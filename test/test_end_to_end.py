@@ -22,7 +22,7 @@ from training.preprocess import Preprocess
 def pytorch_answer(run_dir, case_dir) -> list[dict]:
     """P(atypical) of the stack from each fold's PeftModel as trained (adapters unmerged), averaged in PyTorch."""
     cfg = load_config(run_dir / "config.yaml")
-    folds = [load_fold_model(cfg, run_dir / f"fold_{k}") for k in range(cfg.folds)]
+    folds = [load_fold_model(cfg.spec(), run_dir / f"fold_{k}") for k in range(cfg.folds)]
     preprocess = Preprocess.for_backbone(folds[0].get_base_model().backbone)
     pixels = torch.from_numpy(np.stack(reader.read_stack(process.find_stack(case_dir)).pages))
     with torch.no_grad():

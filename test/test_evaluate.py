@@ -1,4 +1,4 @@
-"""``python -m training evaluate`` against an independent computation of every figure."""
+"""``python -m training evaluate`` against an independent computation of every metric."""
 
 import json
 
@@ -32,11 +32,14 @@ def independent(label, prob, pred):
     # the oracle: the best balanced accuracy over every cut between sorted probabilities (and above them all)
     cuts = [*np.unique(prob), np.inf]
     oracle = max(balanced_accuracy_score(label, prob >= t) for t in cuts) if both else None
+    # the official evaluation's convention: recall_score, 0.0 for a class with no figures
+    sensitivity = recall_score(label, pred, pos_label=1, zero_division=0.0)
+    specificity = recall_score(label, pred, pos_label=0, zero_division=0.0)
     return {
         "oracle_balanced_accuracy": oracle,
-        "balanced_accuracy": balanced_accuracy_score(label, pred) if both else None,
-        "sensitivity": recall_score(label, pred, pos_label=1, zero_division=np.nan) if label.any() else None,
-        "specificity": recall_score(label, pred, pos_label=0),
+        "balanced_accuracy": (sensitivity + specificity) / 2,
+        "sensitivity": sensitivity,
+        "specificity": specificity,
         "accuracy": accuracy_score(label, pred),
         "roc_auc": roc_auc_score(label, prob) if both else None,
         "mean_prob_normal": float(np.mean([p for p, y in zip(prob, label, strict=True) if y == 0]))
@@ -48,7 +51,7 @@ def independent(label, prob, pred):
     }
 
 
-def test_every_figure_matches_an_independent_computation(predictions_csv):
+def test_every_metric_matches_an_independent_computation(predictions_csv):
     path, label, prob, pred, domain = predictions_csv
     result = evaluate(read_predictions(path))
     for key, expected in independent(label, prob, pred).items():
@@ -71,11 +74,11 @@ def test_every_figure_matches_an_independent_computation(predictions_csv):
 
 
 def test_a_domain_with_one_class_has_no_mean_for_the_other():
-    from training.evaluate import figures
+    from training.evaluate import domain_scores
 
-    only_atypical = figures(np.array([1, 1]), np.array([1, 0]), np.array([0.9, 0.3]))
+    only_atypical = domain_scores(np.array([1, 1]), np.array([1, 0]), np.array([0.9, 0.3]))
     assert np.isnan(only_atypical["mean_prob_normal"]) and only_atypical["mean_prob_atypical"] == pytest.approx(0.6)
-    only_normal = figures(np.array([0, 0, 0]), np.array([0, 0, 1]), np.array([0.1, 0.2, 0.6]))
+    only_normal = domain_scores(np.array([0, 0, 0]), np.array([0, 0, 1]), np.array([0.1, 0.2, 0.6]))
     assert np.isnan(only_normal["mean_prob_atypical"]) and only_normal["mean_prob_normal"] == pytest.approx(0.3)
 
 

@@ -12,7 +12,8 @@ from conftest import DEMO_CONFIG, REPO, run_cli
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 import training.lab.experiment as experiment
-from training.data import Figure, read_datasets
+from training.data import read_datasets
+from training.figure import Figure
 from training.lab.experiment import expand, gaussian_blur, load_grid, run_grid
 from training.preprocess import Preprocess
 from training.splits import training_subset
@@ -156,15 +157,13 @@ def test_report_only_through_the_cli(grid_run, tmp_path):
     assert (tmp_path / "docs" / "roc.png").is_file()
 
 
-def test_training_subsets_are_per_class_nested_and_capped():
+def test_training_subsets_are_per_class_and_nested():
     labels = np.array([0] * 300 + [1] * 100)
-    tenth, half = training_subset(labels, 0.1, None, 7), training_subset(labels, 0.5, None, 7)
+    tenth, half = training_subset(labels, 0.1, 7), training_subset(labels, 0.5, 7)
     assert np.bincount(labels[tenth]).tolist() == [30, 10] and np.bincount(labels[half]).tolist() == [150, 50]
     assert set(tenth) <= set(half)  # more data adds figures, it does not swap them
-    capped = training_subset(labels, 1.0, 64, 7)
-    assert np.bincount(labels[capped]).tolist() == [64, 64]
-    assert not np.array_equal(training_subset(labels, 0.1, None, 8), tenth)
-    assert len(training_subset(labels, 0.001, None, 7)) == 2  # at least one figure of each class
+    assert not np.array_equal(training_subset(labels, 0.1, 8), tenth)
+    assert len(training_subset(labels, 0.001, 7)) == 2  # at least one figure of each class
 
 
 def test_gaussian_blur():

@@ -12,7 +12,9 @@ import torch
 import yaml
 from conftest import DEMO_CONFIG, run_cli, shared_path
 
-from training.data import DataError, decode_figures, read_dataset, unique_figures
+from training.data import read_dataset
+from training.figure import DataError
+from training.pixels import decode_figures, unique_figures
 from training.synthetic import write_atnorm, write_midog25
 
 
@@ -161,7 +163,9 @@ def test_runs_on_the_same_folds_export_as_one_graph(demo_run, tmp_path):
         cfg = load_run_config(RunFolder(run_dir))
         folds = [fold_model(run_dir, k, pixels[:4]) for k in range(cfg.folds)]
         with torch.no_grad():
-            means.append(Ensemble(preprocess_for(cfg, folds[0]), folds, tta=cfg.tta).eval()(torch.from_numpy(pixels)))
+            means.append(
+                Ensemble(preprocess_for(cfg.spec(), folds[0]), folds, tta=cfg.tta).eval()(torch.from_numpy(pixels))
+            )
     expected = ((means[0] + means[1]) / 2).numpy()
     got = OnnxEnsemble(model, "cpu", precision="fp32").predict(list(pixels))
     np.testing.assert_allclose(got, expected, atol=1e-4)

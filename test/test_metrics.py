@@ -34,19 +34,3 @@ def test_threshold_beats_one_half_on_a_shifted_model():
     probs = np.clip(0.15 + 0.2 * labels + rng.normal(0, 0.05, 2000), 0, 1)  # all below 0.5
     t = choose_threshold(labels, probs)
     assert summarize(labels, probs, t)["balanced_accuracy"] > 0.95 > summarize(labels, probs, 0.5)["balanced_accuracy"]
-
-
-def test_domain_balanced_threshold_serves_the_small_domain_too():
-    rng = np.random.default_rng(2)
-    # a large domain whose model runs high and a small one whose model runs low
-    big_labels, small_labels = rng.random(2000) < 0.25, rng.random(200) < 0.25
-    big = np.clip(0.45 + 0.2 * big_labels + rng.normal(0, 0.03, 2000), 0, 1)
-    small = np.clip(0.25 + 0.2 * small_labels + rng.normal(0, 0.03, 200), 0, 1)
-    labels, probs = np.concatenate([big_labels, small_labels]), np.concatenate([big, small])
-    domains = np.array(["big"] * 2000 + ["small"] * 200)
-    pooled, balanced = choose_threshold(labels, probs), choose_threshold(labels, probs, domains)
-
-    def small_ba(t):
-        return summarize(small_labels, small, t)["balanced_accuracy"]
-
-    assert small_ba(balanced) > small_ba(pooled) + 0.1

@@ -53,7 +53,7 @@ def test_renderings_are_seeded_keep_the_page_and_change_it_as_named():
 
 def test_probe_moves_a_known_model_as_each_rendering_should(dataset, tmp_path):
     """The red-mean model's P(atypical) is a page's mean red / 255: what each rendering does to it is known."""
-    from training.data import at_pixel_size
+    from training.pixels import at_pixel_size
     from training.predict import figures_to_score
 
     model = red_mean_model(tmp_path / "model", pixel_size_um=0.23)

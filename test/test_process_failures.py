@@ -48,11 +48,36 @@ def test_truncated_tiff_fails_cleanly(model_dir, pages, tmp_path):
     assert_clean_failure(result, tmp_path / "out", "cut.tiff")
 
 
-def test_missing_input_folder_fails_cleanly(model_dir, tmp_path):
+@pytest.mark.parametrize(
+    ("given", "words"),
+    [
+        ("nowhere", ("nowhere: no such folder", "--input is a case folder holding images/stacked-")),
+        ("a_page.png", ("a_page.png: not a folder", "--input is a case folder holding images/stacked-")),
+        ("empty_case", ("empty_case/images/stacked-histopathology-roi-cropouts: no such folder (a case folder",)),
+    ],
+)
+def test_an_input_that_is_not_a_case_folder_says_what_input_must_hold(model_dir, tmp_path, given, words):
+    (tmp_path / "a_page.png").write_bytes(b"png")
+    (tmp_path / "empty_case").mkdir()
     result = run_cli(
-        PROCESS, "--input", tmp_path / "nowhere", "--output", tmp_path / "out", "--model", model_dir, check=False
+        PROCESS, "--input", tmp_path / given, "--output", tmp_path / "out", "--model", model_dir, check=False
     )
-    assert_clean_failure(result, tmp_path / "out", "no such folder")
+    assert result.returncode == 2
+    assert_clean_failure(result, tmp_path / "out", *words)
+
+
+def test_a_missing_model_names_the_command_that_makes_one(tmp_path):
+    result = run_on_the_sample(tmp_path / "out", tmp_path / "no_model", "--device", "cpu")
+    assert result.returncode == 4
+    assert_clean_failure(result, tmp_path / "out", "no manifest", "python -m training export RUN --output", "make demo")
+
+
+def test_on_a_host_the_default_model_folder_is_not_called_baked_into_the_image(tmp_path, monkeypatch):
+    messages = []
+    monkeypatch.setattr(process, "GC_MODEL_DIR", tmp_path / "no_tarball")
+    monkeypatch.setattr(process.log, "info", lambda msg, *args: messages.append(msg % args))
+    assert process.resolve_model_dir(None) == process.BAKED_MODEL_DIR
+    assert "beside process.py (no --model given)" in messages[0] and "baked into the image" not in messages[0]
 
 
 def test_tampered_model_fails_cleanly(model_dir, tmp_path):

@@ -181,7 +181,7 @@ def test_a_one_pixel_side_is_resampled_without_a_crash(shape):
     assert out.shape == shape and (out == 9).all()
 
 
-@pytest.mark.parametrize("codec", ["jpeg", "jpeg2000"])
+@pytest.mark.parametrize("codec", ["jpeg", "jpeg2000", "jpeg-with-70-kib-before-its-frame"])
 def test_a_strip_whose_codestream_declares_more_than_its_page_is_refused_undecoded(tmp_path, codec):
     import struct
 
@@ -190,10 +190,15 @@ def test_a_strip_whose_codestream_declares_more_than_its_page_is_refused_undecod
 
     page = np.random.default_rng(0).integers(0, 255, (128, 128, 3), np.uint8)
     path = tmp_path / "stack.tiff"
-    tifffile.imwrite(path, page, photometric="rgb", compression=codec, rowsperstrip=128)
+    tifffile.imwrite(path, page, photometric="rgb", compression=codec.split("-")[0], rowsperstrip=128)
     assert read_stack(path).pages[0].shape == (128, 128, 3)  # the legal stack is read
     big = np.zeros((3000, 2000, 3), np.uint8)
-    stream = imagecodecs.jpeg8_encode(big, level=50) if codec == "jpeg" else imagecodecs.jpeg2k_encode(big, level=10)
+    stream = (
+        imagecodecs.jpeg2k_encode(big, level=10) if codec == "jpeg2000" else imagecodecs.jpeg8_encode(big, level=50)
+    )
+    if codec.endswith("frame"):  # application segments of 70 KiB between SOI and the frame header
+        padding = b"".join(b"\xff\xe1" + struct.pack(">H", 35000) + bytes(34998) for _ in range(2))
+        stream = stream[:2] + padding + stream[2:]
     with tifffile.TiffFile(path) as tif:
         tags = {tag.code: tag for tag in tif.pages[0].tags}
         offsets_at, counts_at = tags[273].valueoffset, tags[279].valueoffset

@@ -18,11 +18,16 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from training.config import LoraSettings, TrainConfig
 from training.model import Classifier, classifier_for
 from training.run import FoldFolder
+from training.spec import LoraSettings, Mode, ModelSpec
 
 HEAD = "atypia_head"
+MERGE_ATOL = 1e-4  # logits, fp32: what folding an adapter into the base weights may change
+
+
+class MergeError(RuntimeError):
+    """A merged adapter answers otherwise than the unmerged one."""
 
 
 def apply_lora(model: nn.Module, settings: LoraSettings) -> PeftModel:
@@ -38,42 +43,57 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> PeftModel:
     return get_peft_model(model, config)
 
 
-def prepare(classifier: Classifier, cfg: TrainConfig) -> nn.Module:
-    """The module the optimizer trains, with ``requires_grad`` set for the mode."""
-    if cfg.mode == "lora":
-        return apply_lora(classifier, cfg.lora)
-    classifier.backbone.requires_grad_(cfg.mode == "full")
+def build_fold_model(spec: ModelSpec, head_seed: int = 0) -> nn.Module:
+    """A fold's untrained model, ready for the optimizer: the classifier ``spec`` describes, adapted for its mode
+    (a PeftModel for LoRA, else the classifier with ``requires_grad`` set)."""
+    classifier = classifier_for(spec, head_seed)
+    if spec.mode == "lora":
+        return apply_lora(classifier, spec.lora)
+    classifier.backbone.requires_grad_(spec.mode == "full")
     return classifier
 
 
+def merge_adapter(model: PeftModel, x: torch.Tensor) -> tuple[Classifier, float]:
+    """The adapter folded into the base weights (peft's ``merge_and_unload``, in place), checked on backbone input
+    ``x``: the merged classifier and its largest |logit difference| from the unmerged model; MergeError beyond
+    ``MERGE_ATOL``."""
+    with torch.no_grad():
+        unmerged = model(x)
+        merged = model.merge_and_unload().eval()
+        diff = (merged(x) - unmerged).abs().max().item()
+    if diff > MERGE_ATOL:
+        raise MergeError(f"merged logits differ from unmerged by {diff:.2e} > {MERGE_ATOL}")
+    return merged, diff
+
+
+def classifier_of(model: nn.Module) -> Classifier:
+    """The classifier inside a fold's model (a PeftModel wraps it)."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
 class HeadOnly(nn.Module):
-    """The classifier from its embedding on: a linear probe trains it on embeddings computed once."""
+    """The classifier from its embedding on: a linear probe trains it on embeddings computed once. Its head keeps
+    the classifier's name, so its learned state loads into the classifier as it is."""
 
     def __init__(self, classifier: Classifier):
         super().__init__()
-        self.head = getattr(classifier, HEAD)
+        self.add_module(HEAD, getattr(classifier, HEAD))
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return self.head(embeddings).squeeze(-1)
+        return getattr(self, HEAD)(embeddings).squeeze(-1)
 
 
-def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+def param_groups(model: nn.Module, lr: float, head_lr: float) -> list[dict]:
     """The freshly initialized head learns at ``head_lr``, everything else trainable at ``lr``."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     head = [p for n, p in trainable if f"{HEAD}." in n]
     rest = [p for n, p in trainable if f"{HEAD}." not in n]
-    return [g for g in ({"params": rest, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr}) if g["params"]]
+    return [g for g in ({"params": rest, "lr": lr}, {"params": head, "lr": head_lr}) if g["params"]]
 
 
-def set_train_mode(model: nn.Module, cfg: TrainConfig) -> None:
-    model.train()
-    if cfg.mode == "linear":
-        model.backbone.eval()
-
-
-def learned_state(model: nn.Module, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+def learned_state(model: nn.Module, mode: Mode) -> dict[str, torch.Tensor]:
     """What differs from a freshly built base: trainable parameters, plus buffers when the whole model learns."""
-    if cfg.mode == "full":
+    if mode == "full":
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -85,20 +105,20 @@ def restore_learned_state(model: nn.Module, state: dict[str, torch.Tensor]) -> N
     model.load_state_dict(state, strict=False)
 
 
-def save_fold_model(model: nn.Module, cfg: TrainConfig, fold_dir: Path) -> None:
+def save_fold_model(model: nn.Module, mode: Mode, fold_dir: Path) -> None:
     fold = FoldFolder(fold_dir)
-    if cfg.mode == "lora":
+    if mode == "lora":
         model.save_pretrained(fold.adapter)
     else:
-        save_file({k: v.contiguous() for k, v in learned_state(model, cfg).items()}, fold.weights)
+        save_file({k: v.contiguous() for k, v in learned_state(model, mode).items()}, fold.weights)
 
 
-def load_fold_model(cfg: TrainConfig, fold_dir: Path, base: Classifier | None = None) -> nn.Module:
-    """The fold's best model as trained: a PeftModel (unmerged) for LoRA, else the Classifier with its weights.
+def load_fold_model(spec: ModelSpec, fold_dir: Path, base: Classifier | None = None) -> nn.Module:
+    """The fold's kept model as trained: a PeftModel (unmerged) for LoRA, else the Classifier with its weights.
     ``base``: the run's untrained classifier, already built; the fold starts from a copy of it (default: a new one,
     its weights read again)."""
-    base, fold = (classifier_for(cfg) if base is None else copy.deepcopy(base)), FoldFolder(fold_dir)
-    if cfg.mode == "lora":
+    base, fold = (classifier_for(spec) if base is None else copy.deepcopy(base)), FoldFolder(fold_dir)
+    if spec.mode == "lora":
         return PeftModel.from_pretrained(base, fold.adapter).eval()
     restore_learned_state(base, load_file(fold.weights))
     return base.eval()

@@ -6,7 +6,6 @@ ones as an uninterrupted run).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -94,19 +93,3 @@ def augment_sharpness(batch: torch.Tensor, strength: float, generator: torch.Gen
     k = (torch.rand(len(x), 1, 1, 1, generator=generator) * 2 - 1) * strength
     x = x + k * (x - binomial_blur(x))
     return x.permute(0, 2, 3, 1).clamp(0, 255)
-
-
-def mixup(batch: torch.Tensor, targets: torch.Tensor, alpha: float, generator: torch.Generator):
-    """Blend each figure and its target with a random partner's from the batch, the figure's own weight
-    ``max(w, 1 - w)``, ``w ~ Beta(alpha, alpha)``. Pixels [N, H, W, 3] (or a linear probe's embeddings [N, D]) in,
-    float out; targets [N] in and out.
-
-    Not timm's ``Mixup``: that one mixes one-hot class targets from NumPy's global RNG; these targets are one soft
-    probability per figure, drawn from the run's generator (a resumed run draws the same)."""
-    rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=generator)))  # Beta takes no generator
-    w = torch.from_numpy(rng.beta(alpha, alpha, size=len(batch))).float()
-    w = torch.maximum(w, 1 - w)
-    partner = torch.randperm(len(batch), generator=generator)
-    w_each = w.view(-1, *[1] * (batch.dim() - 1))
-    blended = w_each * batch.float() + (1 - w_each) * batch[partner].float()
-    return blended, w * targets + (1 - w) * targets[partner]

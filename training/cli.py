@@ -116,8 +116,7 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_case)
 
 
-def _add_model_commands(sub: argparse._SubParsersAction) -> None:
-    """Train, export, predict, evaluate: the product's way from data to a scored model."""
+def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the folds of a config on dataset folders")
     p.add_argument("--config", type=Path, required=True)
     p.add_argument(
@@ -149,6 +148,8 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=_train)
 
+
+def _add_export_and_upload(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="merge each fold's adapter and export one ONNX ensemble + manifest")
     p.add_argument(
         "run_dirs",
@@ -173,6 +174,9 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", type=Path, required=True, help="upload folder (test.sh and export.sh use upload/)")
     p.set_defaults(func=_upload)
 
+
+def _add_scoring(sub: argparse._SubParsersAction) -> None:
+    """predict, evaluate, review: a model's answers, their metrics, one case's pages."""
     p = sub.add_parser("predict", help="run an exported model on a MIDOG25-layout folder, as the container does")
     p.add_argument("model_dir", type=Path)
     p.add_argument("--data-root", type=Path, required=True)
@@ -188,7 +192,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=_predict)
 
-    p = sub.add_parser("evaluate", help="the challenge's figures for a predictions CSV, pooled and per domain")
+    p = sub.add_parser("evaluate", help="the challenge's metrics for a predictions CSV, pooled and per domain")
     p.add_argument(
         "--predictions",
         type=Path,
@@ -196,7 +200,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
         required=True,
         help="image_id, label, prob_atypical, pred, domain; several: their mean per figure (needs --threshold)",
     )
-    p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--json", type=Path, help="also write the metrics here")
     p.add_argument("--threshold", type=float, help="classes from prob_atypical >= this instead of a pred column")
     p.add_argument(
         "--column",
@@ -226,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_data_commands(sub)
-    _add_model_commands(sub)
+    for add in (_add_train, _add_export_and_upload, _add_scoring):  # the way from data to a scored model
+        add(sub)
     add_lab_commands(sub)
     return parser
 

@@ -20,10 +20,9 @@ import math
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 from contracts import classify
-from training.metrics import balanced_accuracy, choose_threshold, read_mean_predictions
+from training.metrics import balanced_accuracy, choose_threshold, read_mean_predictions, scores
 
 log = logging.getLogger(__name__)
 
@@ -36,25 +35,20 @@ def _mean_where(values: np.ndarray, mask: np.ndarray) -> float:
     return float(values[mask].mean()) if mask.any() else math.nan
 
 
-def figures(label: np.ndarray, pred: np.ndarray, prob: np.ndarray) -> dict[str, float]:
+def domain_scores(label: np.ndarray, pred: np.ndarray, prob: np.ndarray) -> dict[str, float]:
+    """``metrics.scores``, the oracle threshold's (for reference: no submission can choose it) and each class's
+    mean probability."""
     positive = label == 1
-    sensitivity = _mean_where(pred == 1, positive)
-    specificity = _mean_where(pred == 0, ~positive)
     both_classes = 0 < positive.sum() < len(label)
     oracle = choose_threshold(label, prob) if both_classes else math.nan
     return {
-        "balanced_accuracy": (sensitivity + specificity) / 2,
-        "sensitivity": sensitivity,
-        "specificity": specificity,
-        "accuracy": float((pred == label).mean()),
-        "roc_auc": float(roc_auc_score(label, prob)) if both_classes else math.nan,
+        **scores(label, pred, prob),
         "oracle_threshold": oracle,
         "oracle_balanced_accuracy": balanced_accuracy(label, classify(prob, oracle)) if both_classes else math.nan,
         # each class's mean probability: a domain whose figures of both classes score higher than elsewhere is
         # miscalibrated, not misranked
         "mean_prob_normal": _mean_where(prob, ~positive),
         "mean_prob_atypical": _mean_where(prob, positive),
-        "n": len(label),
     }
 
 
@@ -71,10 +65,10 @@ def bootstrap_ci(label: np.ndarray, pred: np.ndarray, resamples: int, seed: int)
 
 
 def evaluate(preds: dict[str, np.ndarray], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict:
-    result = figures(preds["label"], preds["pred"], preds["prob"])
+    result = domain_scores(preds["label"], preds["pred"], preds["prob"])
     result["balanced_accuracy_ci"] = bootstrap_ci(preds["label"], preds["pred"], resamples, seed)
     result["domains"] = {
-        str(d): figures(preds["label"][m], preds["pred"][m], preds["prob"][m])
+        str(d): domain_scores(preds["label"][m], preds["pred"][m], preds["prob"][m])
         for d in np.unique(preds["domain"])
         for m in [preds["domain"] == d]
     }

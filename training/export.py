@@ -13,10 +13,9 @@ behind its own preprocessing, at one threshold chosen on the runs' combined out-
 share their folds (``splits.json``), so that each figure's combined prediction is out-of-fold for every member,
 and their pixel size (pages are resampled to one before the graph).
 
-Reduced precisions, each behind a parity guard against the fp32 graph on real patches, on the provider that
-would serve it: fp16 for CUDA (max |dp| <= 1e-3, every class the same) and int8 for the CPU (ONNX Runtime's
-dynamic quantization of the MatMul weights; max |dp| <= 0.02, classes agree on >= 99%). A graph outside its
-limits is deleted and fp32 is served on that device; the manifest records the figures either way.
+Reduced precisions (fp16 for CUDA, int8 for the CPU), each behind a parity guard against the fp32 graph on real
+patches (``training.precision``, which states the limits). A graph outside its limits is deleted and fp32 is
+served on that device; the manifest records the figures either way.
 """
 
 from __future__ import annotations
@@ -48,11 +47,12 @@ from contracts import (
     sha256_of,
 )
 from training import onnx_weights
-from training.adapt import load_fold_model
+from training.adapt import MergeError, load_fold_model, merge_adapter
 from training.config import TrainConfig, load_run_config
-from training.data import decode_figures, read_datasets
+from training.data import read_datasets
 from training.metrics import choose_threshold, read_rows, summarize
 from training.model import Classifier, CrossRunEnsemble, Ensemble, classifier_for, preprocess_for
+from training.pixels import decode_figures
 from training.precision import REDUCED_PRECISIONS, ReducedPrecision, add_reduced_precisions
 from training.run import RunFolder
 from training.synthetic import synthetic_figures
@@ -61,7 +61,6 @@ log = logging.getLogger(__name__)
 
 ONNX_FILE = "ensemble.onnx"
 OPSET = 18
-MERGE_ATOL = 1e-4  # logits, fp32
 ONNX_ATOL = 1e-4  # probabilities, fp32
 PARITY_PATCHES = 128  # real patches for the reduced-precision checks; 99% agreement then allows one flip
 
@@ -105,16 +104,15 @@ def fold_model(run_dir: Path, fold: int, pixels: np.ndarray, base: Classifier | 
     ``base`` (the run's untrained classifier, built once), the fold starts from a copy of it and shares back
     every weight it left unchanged."""
     run = RunFolder(run_dir)
-    cfg = load_run_config(run)
-    trained = load_fold_model(cfg, run.fold(fold).path, base)
-    if cfg.mode == "lora":
+    spec = load_run_config(run).spec()
+    trained = load_fold_model(spec, run.fold(fold).path, base)
+    if spec.mode == "lora":
         with torch.no_grad():
-            x = preprocess_for(cfg, trained.get_base_model())(torch.from_numpy(pixels))
-            unmerged = trained(x)
-            trained = trained.merge_and_unload().eval()
-            diff = (trained(x) - unmerged).abs().max().item()
-        if diff > MERGE_ATOL:
-            raise ExportCheckError(f"fold {fold}: merged logits differ from unmerged by {diff:.2e} > {MERGE_ATOL}")
+            x = preprocess_for(spec, trained.get_base_model())(torch.from_numpy(pixels))
+        try:
+            trained, diff = merge_adapter(trained, x)
+        except MergeError as err:
+            raise ExportCheckError(f"fold {fold}: {err}") from None
         log.info("fold %d merged (max |dlogit| %.1e)", fold, diff)
     if base is not None:
         shared = share_unchanged_weights(trained, base)
@@ -284,10 +282,10 @@ def export_run(
         chosen = list(range(cfg.folds)) if folds is None else sorted(set(folds))
         if not chosen or not all(0 <= k < cfg.folds for k in chosen):
             raise ValueError(f"{run.path}: folds {folds} outside 0..{cfg.folds - 1}")
-        base = classifier_for(cfg).eval()  # the base's weights read once, shared by every fold
+        base = classifier_for(cfg.spec()).eval()  # the base's weights read once, shared by every fold
         models = [fold_model(run.path, k, spread_sample(parity_pixels), base) for k in chosen]
         del base  # the folds hold what they share of it; export_ensemble frees them after the fp32 graph
-        members.append(Ensemble(preprocess_for(cfg, models[0]), models, tta=cfg.tta))
+        members.append(Ensemble(preprocess_for(cfg.spec(), models[0]), models, tta=cfg.tta))
         del models
         own = _finite(run.read_summary()["oof"])
         config = cfg.model_dump()

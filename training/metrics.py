@@ -1,6 +1,8 @@
-"""The challenge's figures and the one predictions CSV shape that train, predict, evaluate and the lab share.
+"""The challenge's metrics and the one predictions CSV shape that train, predict, evaluate and the lab share.
 
-Figures: balanced accuracy from classes, AUC from P(atypical), classes always by ``contracts.classify``.
+Metrics, defined once here with the official evaluation's conventions (DeepMicroscopy/MIDOG25_T2_evaluation_docker:
+sklearn's ``recall_score``, so a class with no figures has sensitivity or specificity 0.0): balanced accuracy
+from classes, AUC from P(atypical) (NaN with one class), classes always by ``contracts.classify``.
 
 The predictions CSV, one row per figure: ``image_id``, ``label`` (1 = atypical), ``prob_atypical`` and ``domain``
 (the scanner), then any of ``pred`` (0/1, the class the container answered: ``predict``), ``fold``, ``tumor``,
@@ -21,46 +23,51 @@ PREDICTION_COLUMNS = ("image_id", "label", "prob_atypical", "pred", "domain")  #
 REQUIRED_COLUMNS = ("image_id", "label", "prob_atypical", "domain")
 
 
-def balanced_accuracy(labels: np.ndarray, preds: np.ndarray) -> float:
-    """(sensitivity + specificity) / 2, with atypical = 1 as the positive class."""
+def class_rates(labels: np.ndarray, preds: np.ndarray) -> tuple[float, float]:
+    """(sensitivity, specificity), atypical = 1 the positive class; 0.0 for a class with no figures."""
     labels = np.asarray(labels).astype(bool)
     preds = np.asarray(preds).astype(bool)
-    sensitivity = preds[labels].mean() if labels.any() else 0.0
-    specificity = (~preds[~labels]).mean() if (~labels).any() else 0.0
-    return float((sensitivity + specificity) / 2)
+    sensitivity = float(preds[labels].mean()) if labels.any() else 0.0
+    specificity = float((~preds[~labels]).mean()) if (~labels).any() else 0.0
+    return sensitivity, specificity
 
 
-def summarize(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
-    """Balanced accuracy, sensitivity, specificity at ``threshold``; ROC AUC (NaN with one class); n."""
-    labels = np.asarray(labels).astype(int)
-    preds = classify(probs, threshold)
-    both_classes = len(np.unique(labels)) == 2
+def balanced_accuracy(labels: np.ndarray, preds: np.ndarray) -> float:
+    """(sensitivity + specificity) / 2, the challenge's ranking metric."""
+    return float(np.mean(class_rates(labels, preds)))
+
+
+def scores(labels: np.ndarray, preds: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Balanced accuracy, sensitivity, specificity and accuracy of the classes ``preds``; ROC AUC of ``probs``
+    (NaN with one class or a probability that is not finite); n."""
+    labels, preds, probs = np.asarray(labels).astype(int), np.asarray(preds).astype(int), np.asarray(probs)
+    sensitivity, specificity = class_rates(labels, preds)
+    auc_defined = len(np.unique(labels)) == 2 and np.isfinite(probs).all()
     return {
-        "balanced_accuracy": balanced_accuracy(labels, preds),
-        "sensitivity": float(preds[labels == 1].mean()) if (labels == 1).any() else float("nan"),
-        "specificity": float((~preds[labels == 0]).mean()) if (labels == 0).any() else float("nan"),
-        "roc_auc": float(roc_auc_score(labels, probs)) if both_classes else float("nan"),
-        "threshold": float(threshold),
+        "balanced_accuracy": (sensitivity + specificity) / 2,
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+        "accuracy": float((preds == labels).mean()) if len(labels) else float("nan"),
+        "roc_auc": float(roc_auc_score(labels, probs)) if auc_defined else float("nan"),
         "n": len(labels),
     }
 
 
-def choose_threshold(labels: np.ndarray, probs: np.ndarray, domains: np.ndarray | None = None) -> float:
-    """The threshold that maximizes balanced accuracy under ``contracts.classify``.
+def summarize(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
+    """``scores`` at ``threshold``, with the threshold."""
+    return {**scores(labels, classify(probs, threshold), probs), "threshold": float(threshold)}
 
-    With ``domains``, it maximizes the mean of the per-domain balanced accuracies instead, so that no scanner's
-    figures dominate the choice. Candidates are midpoints between consecutive distinct probabilities, so the cut
-    sits in a gap rather than on an example. Ties go to the candidate closest to 0.5.
-    """
+
+def choose_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
+    """The threshold that maximizes balanced accuracy under ``contracts.classify``. Candidates are midpoints
+    between consecutive distinct probabilities, so the cut sits in a gap rather than on an example. Ties go to the
+    candidate closest to 0.5."""
     labels = np.asarray(labels).astype(bool)
     probs = np.asarray(probs, dtype=np.float64)
     values = np.unique(probs)
     candidates = np.concatenate([[0.0], (values[:-1] + values[1:]) / 2, [np.nextafter(values[-1], 2.0)]])
     candidates = np.clip(candidates, 0.0, 1.0)
-    groups = [np.ones(len(labels), bool)] if domains is None else [domains == d for d in np.unique(domains)]
-    scores = np.array(
-        [np.mean([balanced_accuracy(labels[g], classify(probs[g], t)) for g in groups]) for t in candidates]
-    )
+    scores = np.array([balanced_accuracy(labels, classify(probs, t)) for t in candidates])
     best = np.flatnonzero(scores >= scores.max() - 1e-12)
     return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
 
@@ -114,9 +121,9 @@ def read_predictions(path: Path, threshold: float | None = None, column: str = "
     return arrays
 
 
-def pool_out_of_fold(val_files: list[Path], oof_file: Path, domain_balanced: bool = False) -> dict:
+def pool_out_of_fold(val_files: list[Path], oof_file: Path) -> dict:
     """Concatenate the folds' held-out predictions (``val_files``) into ``oof_file``, choose the threshold there
-    (with ``domain_balanced``, on the mean BA over scanners) and return it with its figures (pooled, per scanner,
+    and return it with its figures (pooled, per scanner,
     at 0.5, and without TTA where the files have it).
 
     The threshold is chosen on single-fold probabilities and applied to the mean over folds, whose probabilities
@@ -128,13 +135,12 @@ def pool_out_of_fold(val_files: list[Path], oof_file: Path, domain_balanced: boo
     labels = np.array([int(r["label"]) for r in rows])
     probs = np.array([float(r["prob_atypical"]) for r in rows])
     scanners = np.array([r["domain"] for r in rows])
-    domains = scanners if domain_balanced else None
-    threshold = choose_threshold(labels, probs, domains)
+    threshold = choose_threshold(labels, probs)
     summary = {"threshold": threshold, "oof": summarize(labels, probs, threshold)}
     summary["oof_at_0.5"] = summarize(labels, probs, 0.5)
     if "prob_atypical_no_tta" in rows[0]:  # the same folds without test-time augmentation, at their own threshold
         single = np.array([float(r["prob_atypical_no_tta"]) for r in rows])
-        summary["oof_no_tta"] = summarize(labels, single, choose_threshold(labels, single, domains))
+        summary["oof_no_tta"] = summarize(labels, single, choose_threshold(labels, single))
     summary["oof_by_scanner"] = {
         str(s): summarize(labels[scanners == s], probs[scanners == s], threshold) for s in np.unique(scanners)
     }

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from training.backbones import Pooling, backbone_spec, create_backbone
-from training.config import TrainConfig
 from training.preprocess import Preprocess, mean_over_views, model_input
+from training.spec import ModelSpec
 
 
 class Classifier(nn.Module):
@@ -58,14 +58,14 @@ def build_classifier(
     return model
 
 
-def classifier_for(cfg: TrainConfig, head_seed: int = 0) -> Classifier:
-    """The untrained classifier a run's config describes (its weights come from the fold's files)."""
-    return build_classifier(cfg.backbone, cfg.weights, head_seed, pooling=cfg.pooling)
+def classifier_for(spec: ModelSpec, head_seed: int = 0) -> Classifier:
+    """The untrained classifier ``spec`` describes (a fold's learned weights come from its files)."""
+    return build_classifier(spec.backbone, spec.weights, head_seed, pooling=spec.pooling)
 
 
-def preprocess_for(cfg: TrainConfig, classifier: Classifier) -> Preprocess:
-    """The pixels -> backbone input a run's config describes: the backbone's data config + ``cfg.standardize``."""
-    return Preprocess.for_backbone(classifier.backbone, cfg.standardize)
+def preprocess_for(spec: ModelSpec, classifier: Classifier) -> Preprocess:
+    """Pixels -> backbone input: the backbone's own data config + ``spec.standardize``."""
+    return Preprocess.for_backbone(classifier.backbone, spec.standardize)
 
 
 class Ensemble(nn.Module):

@@ -1,6 +1,6 @@
 """Reduced-precision graphs beside the fp32 one, each served only within its limits against fp32 on real patches,
-on the provider that would serve it: fp16 for CUDA (max |dp| <= 1e-3, every class the same) and int8 for the CPU
-(ONNX Runtime's dynamic quantization of the MatMul weights; max |dp| <= 0.02, classes agree on >= 99%)."""
+on the provider that would serve it: fp16 for CUDA and int8 for the CPU (ONNX Runtime's dynamic quantization of
+the MatMul weights). The limits are stated once, in ``REDUCED_PRECISIONS``."""
 
 from __future__ import annotations
 

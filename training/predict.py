@@ -11,17 +11,11 @@ import numpy as np
 
 from contracts import classify
 from process import OnnxEnsemble
-from training.data import (
-    Duplicates,
-    Figure,
-    decode_figures,
-    on_scanners,
-    read_dataset,
-    scanner_pixel_sizes,
-    unique_figures,
-)
+from training.data import on_scanners, read_dataset, scanner_pixel_sizes
 from training.evaluate import evaluate
+from training.figure import Figure
 from training.metrics import PREDICTION_COLUMNS
+from training.pixels import Duplicates, decode_figures, unique_figures
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +29,7 @@ class FiguresToScore(NamedTuple):
 
 def figures_to_score(data_root: Path, scanners: list[str] | None = None) -> FiguresToScore:
     """A dataset folder's figures (only the named scanners' if given), each distinct crop once and none filed
-    under both classes (``data.unique_figures``), their decoded pixels and each one's pixel size."""
+    under both classes (``pixels.unique_figures``), their decoded pixels and each one's pixel size."""
     figures = read_dataset(data_root)
     if scanners:
         figures = [f for f, keep in zip(figures, on_scanners(figures, scanners), strict=True) if keep]
@@ -53,11 +47,11 @@ def predict_folder(
 ) -> dict:
     """Write the predictions CSV (``training.metrics``' columns, each expert's vote where known as ``votes``, e.g.
     ``101``, and each crop's ``path``) and return
-    ``evaluate``'s figures at the manifest's threshold, with the duplicates found (``copies``, ``left_out``).
+    ``evaluate``'s metrics at the manifest's threshold, with the duplicates found (``copies``, ``left_out``).
     ``precision`` None: the graph the manifest serves on the device, as the container runs it. ``scanners``:
     score only their figures (a run's held-out scanners)."""
+    ensemble = OnnxEnsemble(model_dir, device, precision=precision)  # a missing model is said before any decoding
     figures, pixels, pixel_sizes, duplicates = figures_to_score(data_root, scanners)
-    ensemble = OnnxEnsemble(model_dir, device, precision=precision)
     probs = ensemble.predict(list(pixels), pixel_sizes_um=pixel_sizes)
     preds = classify(probs, ensemble.manifest.threshold).astype(int)
     output.parent.mkdir(parents=True, exist_ok=True)

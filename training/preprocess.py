@@ -7,7 +7,7 @@ served side reads each page's resolution from its file); everything after it is 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -84,8 +84,11 @@ class Preprocess(nn.Module):
         x = standardize_channels(x.contiguous(memory_format=torch.channels_last))
         return equalize_detail(x) if self.standardize == "channels+detail" else x
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.standardized(self.normalize(self.resize(pixels.permute(0, 3, 1, 2).float())))
+    def forward(self, pixels: torch.Tensor, after_resize: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """``after_resize``: a change made to the resized image, float [N, 3, S, S] in [0, 255], before the
+        normalization (the lab's blur study; the exported graph has none)."""
+        x = self.resize(pixels.permute(0, 3, 1, 2).float())
+        return self.standardized(self.normalize(x if after_resize is None else after_resize(x)))
 
 
 def binomial_blur(x: torch.Tensor) -> torch.Tensor:
@@ -136,17 +139,26 @@ def d4_views(x: torch.Tensor, *, h: int, w: int) -> list[torch.Tensor]:
     return [v for y in (x, t) for v in (y, y.flip(w), y.flip(h), y.flip((h, w)))]
 
 
-def model_input(preprocess: Preprocess, pixels: torch.Tensor, tta: bool) -> torch.Tensor:
+def model_input(
+    preprocess: Preprocess,
+    pixels: torch.Tensor,
+    tta: bool,
+    after_resize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """uint8 pages [N, H, W, 3] -> backbone input; with ``tta``, their 8 D4 views, view-major [8N, 3, S, S].
 
     The pages are turned before the resize, as uint8 NHWC: a page need not be square, so the upright and the
     transposed views are resized apart (turning the resized tensor exports a Transpose that ONNX Runtime's layout
     optimizer pushes into the bicubic Resize, which it then cannot run). Validation and the exported graph both
-    come through here."""
+    come through here; ``after_resize`` as in ``Preprocess.forward``."""
+
+    def prepared(x: torch.Tensor) -> torch.Tensor:  # a linear probe's Identity takes the embeddings alone
+        return preprocess(x) if after_resize is None else preprocess(x, after_resize)
+
     if not tta:
-        return preprocess(pixels)
+        return prepared(pixels)
     views = d4_views(pixels, h=1, w=2)
-    return torch.cat([preprocess(torch.cat(views[:4])), preprocess(torch.cat(views[4:]))])
+    return torch.cat([prepared(torch.cat(views[:4])), prepared(torch.cat(views[4:]))])
 
 
 def mean_over_views(probs: torch.Tensor, views: int) -> torch.Tensor:

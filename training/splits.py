@@ -20,7 +20,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from training.config import TrainConfig
-from training.data import Figure
+from training.figure import Figure
 from training.run import RunFolder
 
 log = logging.getLogger(__name__)
@@ -69,9 +69,9 @@ def make_folds(figures: list[Figure], cfg: TrainConfig) -> list[list[str]]:
     return domain_folds(figures, cfg.domain, cfg.folds)
 
 
-def training_subset(labels: np.ndarray, fraction: float, per_class: int | None, seed: int) -> np.ndarray:
+def training_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Sorted indices of the training figures a data-scaling run keeps: per class, ``fraction`` of its figures
-    (at least one), at most ``per_class``, drawn by a seeded permutation. Smaller amounts are subsets of larger
+    (at least one), drawn by a seeded permutation. Smaller amounts are subsets of larger
     ones (the same permutation's first figures), so a scaling curve adds data rather than swapping it.
     """
     rng = np.random.default_rng(seed)
@@ -79,7 +79,7 @@ def training_subset(labels: np.ndarray, fraction: float, per_class: int | None, 
     for value in (0, 1):
         members = np.flatnonzero(np.asarray(labels) == value)
         n = max(1, round(fraction * len(members))) if len(members) else 0
-        keep.append(rng.permutation(members)[: min(n, per_class or n)])
+        keep.append(rng.permutation(members)[:n])
     return np.sort(np.concatenate(keep))
 
 
@@ -101,7 +101,7 @@ def load_or_create_splits(run: RunFolder, figures: list[Figure], cfg: TrainConfi
     return folds
 
 
-@dataclass
+@dataclass(frozen=True)
 class FoldData:
     """A fold's figures: training pixels [N, H, W, 3] (or embeddings) and targets (soft with ``soft_labels``),
     validation pixels and hard labels, and the validation figures in that order."""
@@ -118,8 +118,8 @@ def fold_data(cfg: TrainConfig, fold: int, figures: list[Figure], pixels: np.nda
     is_val = np.array([f.image_id in val_ids for f in figures])
     labels = np.array([f.label for f in figures], dtype=np.float32)
     train_idx = np.flatnonzero(~is_val)
-    if cfg.train_fraction < 1 or cfg.train_per_class:
-        keep = training_subset(labels[train_idx], cfg.train_fraction, cfg.train_per_class, cfg.seed + fold)
+    if cfg.train_fraction < 1:
+        keep = training_subset(labels[train_idx], cfg.train_fraction, cfg.seed + fold)
         log.info("fold %d: training on %d of %d figures", fold, len(keep), len(train_idx))
         train_idx = train_idx[keep]
     train_y = labels[train_idx]

@@ -7,6 +7,7 @@ included, so a killed run ends where an uninterrupted one would have.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -17,25 +18,25 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from training.adapt import (
     HeadOnly,
+    build_fold_model,
+    classifier_of,
     learned_state,
     param_groups,
-    prepare,
     restore_learned_state,
     save_fold_model,
-    set_train_mode,
 )
-from training.augment import augment_batch, mixup
+from training.augment import augment_batch
 from training.config import TrainConfig, load_run_config, save_config
-from training.data import at_pixel_size, decode_figures, on_scanners, read_datasets, unique_figures
+from training.data import on_scanners, read_datasets
 from training.metrics import pool_out_of_fold, summarize, write_rows
-from training.model import classifier_for, embed_all, network_input, predict_probs, preprocess_for
+from training.model import embed_all, network_input, predict_probs, preprocess_for
+from training.pixels import at_pixel_size, decode_figures, unique_figures
 from training.run import FoldFolder, RunFolder, provenance
 from training.splits import FoldData, fold_data, load_or_create_splits
 from training.workers import Workers, join_workers
@@ -58,16 +59,6 @@ def autocast_bf16(device: torch.device, cfg: TrainConfig) -> bool:
     return device.type == "cuda" or (cfg.cpu_bf16 and native_cpu_bf16())
 
 
-def classification_loss(logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor, cfg: TrainConfig):
-    """Class-weighted BCE, or focal loss (confident examples weighted down) with the same class weight."""
-    if cfg.loss == "weighted-bce":
-        return F.binary_cross_entropy_with_logits(logits, targets, pos_weight=pos_weight)
-    bce = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=pos_weight, reduction="none")
-    p = torch.sigmoid(logits)
-    p_true = targets * p + (1 - targets) * (1 - p)
-    return (bce * (1 - p_true) ** cfg.focal_gamma).mean()
-
-
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warm-up, then cosine decay to zero."""
     if step < warmup:
@@ -80,28 +71,34 @@ class FoldTrainer:
 
     The kept epoch's learned weights and validation probabilities travel in the checkpoint and are written out
     once, when the fold ends: the fold's files can never disagree with ``best.json``, whenever a kill comes.
+
+    ``model`` is what learns, is validated and is saved; ``network`` is what a training batch goes through: the
+    model itself, or its DistributedDataParallel wrapper under torchrun.
     """
 
     def __init__(self, cfg: TrainConfig, fold: int, data: FoldData, folder: FoldFolder, workers: Workers):
-        self.cfg, self.fold, self.data, self.folder, self.workers = cfg, fold, data, folder, workers
+        self.cfg, self.fold, self.folder, self.workers = cfg, fold, folder, workers
         self.device = device = workers.device
+        self.spec = spec = cfg.spec()
         torch.manual_seed(cfg.seed + fold)
         self.generator = torch.Generator().manual_seed(cfg.seed + fold)
-        classifier = classifier_for(cfg, head_seed=cfg.seed + fold)
-        self.preprocess = preprocess_for(cfg, classifier).to(device)
-        self.model = model = prepare(classifier, cfg).to(device, memory_format=torch.channels_last)
-        self.network = model  # what a training batch goes through
-        if cfg.mode == "linear":  # the backbone frozen, the inputs unaugmented: embed once, train the head only
-            data.train_x = embed_all(classifier, self.preprocess, data.train_x, cfg.eval_batch_size, device)
-            data.val_x = embed_all(classifier, self.preprocess, data.val_x, cfg.eval_batch_size, device)
-            self.preprocess, self.network = torch.nn.Identity(), HeadOnly(classifier)
-        self.forward = self.network
+        model = build_fold_model(spec, head_seed=cfg.seed + fold).to(device, memory_format=torch.channels_last)
+        classifier = classifier_of(model)
+        self.preprocess = preprocess_for(spec, classifier).to(device)
+        if spec.mode == "linear":  # the backbone frozen, the inputs unaugmented: embed once, train the head only
+            embedded = [
+                embed_all(classifier, self.preprocess, x, cfg.eval_batch_size, device)
+                for x in (data.train_x, data.val_x)
+            ]
+            data = dataclasses.replace(data, train_x=embedded[0], val_x=embedded[1])
+            self.preprocess, model = torch.nn.Identity(), HeadOnly(classifier)
+        self.data, self.model, self.network = data, model, model
         if workers.world > 1:
             if device.type == "cuda":  # batch-norm statistics over the whole batch, as one process computes them
-                self.network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.network)
+                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
             ids = None if device.index is None else [device.index]
-            self.forward = DistributedDataParallel(self.network, device_ids=ids)
-        self.optimizer = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
+            self.network = DistributedDataParallel(model, device_ids=ids)
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.head_lr), weight_decay=cfg.weight_decay)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         if cfg.grad_checkpointing and device.type == "cuda":
             classifier.backbone.set_grad_checkpointing(True)
@@ -112,22 +109,14 @@ class FoldTrainer:
         self.epochs = cfg.epochs or math.ceil(cfg.steps / self.steps_per_epoch)
         self.total_steps = self.epochs * self.steps_per_epoch
         self.warmup = int(cfg.warmup_fraction * self.total_steps)
-        self.ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
         self.bf16 = autocast_bf16(device, cfg)
         self.state = {"epoch": 0, "best": {"balanced_accuracy": -1.0}, "best_state": None, "best_probs": None}
         self.state["log_rows"] = []
 
-    def evaluated(self) -> tuple[torch.nn.Module, torch.nn.Module]:
-        """(what validation runs, whose learned weights are kept): the live model, or the moving average."""
-        if self.ema is None:
-            return self.network, self.model
-        average = self.ema.module
-        return (HeadOnly(average) if self.cfg.mode == "linear" else average), average
-
     def train_epoch(self, epoch: int) -> float:
         """One pass over the training figures in a fresh order; the mean training loss."""
         cfg, data, workers = self.cfg, self.data, self.workers
-        set_train_mode(self.model, cfg)
+        self.model.train()
         order = torch.randperm(len(data.train_x), generator=self.generator).numpy()
         losses = []
         desc = f"fold {self.fold} epoch {epoch + 1}/{self.epochs}"
@@ -136,22 +125,18 @@ class FoldTrainer:
             idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             batch = augment_batch(torch.from_numpy(data.train_x[idx]), cfg, self.generator)
             targets = torch.from_numpy(data.train_y[idx])
-            if cfg.mixup:
-                batch, targets = mixup(batch, targets, cfg.mixup, self.generator)
             x = network_input(self.preprocess(batch[workers.share()].to(self.device)))
             y = targets[workers.share()].to(self.device)
             for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
                 group["lr"] = base_lr * lr_factor(step, self.total_steps, self.warmup)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                loss = classification_loss(self.forward(x).float(), y, self.pos_weight, cfg)
+                loss = F.binary_cross_entropy_with_logits(self.network(x).float(), y, pos_weight=self.pos_weight)
             # DDP averages gradients over processes; weighting each share by its size makes that the whole
             # batch's mean even when the batch does not split evenly (the factor is exactly 1 for one process)
             loss = loss * (len(y) * workers.world / len(idx))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            if self.ema is not None:
-                self.ema.update(self.model)
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses):.3f}")
         return float(np.mean(losses))
@@ -161,9 +146,8 @@ class FoldTrainer:
 
         Model selection on balanced accuracy, the challenge's ranking metric; AUC breaks ties."""
         cfg, data = self.cfg, self.data
-        network, kept = self.evaluated()
-        val_p = predict_probs(network, self.preprocess, data.val_x, cfg.eval_batch_size, self.device)
-        # every process takes the first one's figures, so that kept-epoch and early-stopping decisions agree
+        val_p = predict_probs(self.model, self.preprocess, data.val_x, cfg.eval_batch_size, self.device)
+        # every process takes the first one's figures, so that the kept-epoch decisions agree
         # (batch-norm statistics, kept per process, would otherwise let them drift apart and hang a collective)
         val_p = self.workers.from_main(val_p)
         metrics = summarize(data.val_y, val_p, threshold=0.5)
@@ -171,18 +155,16 @@ class FoldTrainer:
         score = (metrics["balanced_accuracy"], metrics["roc_auc"])
         if cfg.selection == "last" or score > (best["balanced_accuracy"], best.get("roc_auc", -1)):
             self.state["best"] = {"epoch": epoch + 1, "n_train": data.n_train, **metrics}
-            self.state["best_state"] = {k: v.cpu() for k, v in learned_state(kept, cfg).items()}
+            self.state["best_state"] = {k: v.cpu() for k, v in learned_state(self.model, self.spec.mode).items()}
             self.state["best_probs"] = val_p.tolist()
         return metrics
 
     def resume(self) -> None:
-        """Model, average, optimizer, RNG states and history from the fold's checkpoint, if it has one."""
+        """Model, optimizer, RNG states and history from the fold's checkpoint, if it has one."""
         if not self.folder.checkpoint.is_file():
             return
         state = torch.load(self.folder.checkpoint, map_location="cpu", weights_only=False)
         restore_learned_state(self.model, state.pop("model"))
-        if self.ema is not None:
-            restore_learned_state(self.ema.module, {k: v.to(self.device) for k, v in state.pop("average").items()})
         self.optimizer.load_state_dict(state.pop("optimizer"))
         torch.set_rng_state(state.pop("torch_rng"))
         if torch.cuda.is_available():
@@ -196,16 +178,14 @@ class FoldTrainer:
         rng = {"torch_rng": torch.get_rng_state(), "generator_rng": self.generator.get_state()}
         if torch.cuda.is_available():
             rng["cuda_rng"] = torch.cuda.get_rng_state_all()
-        checkpoint = {**self.state, "model": learned_state(self.model, self.cfg), **rng}
+        checkpoint = {**self.state, "model": learned_state(self.model, self.spec.mode), **rng}
         checkpoint["optimizer"] = self.optimizer.state_dict()
-        if self.ema is not None:
-            checkpoint["average"] = learned_state(self.ema.module, self.cfg)
         tmp = self.folder.checkpoint.with_suffix(".tmp")
         torch.save(checkpoint, tmp)
         os.replace(tmp, self.folder.checkpoint)
 
     def run(self) -> dict:
-        """Train to the end (or early stop), then write the kept model, ``val.csv`` and ``best.json``."""
+        """Train to the end, then write the kept model, ``val.csv`` and ``best.json``."""
         cfg, fold, folder = self.cfg, self.fold, self.folder
         log.info(
             "fold %d: %d epochs of %d steps (%d figures)",
@@ -217,9 +197,6 @@ class FoldTrainer:
         self.resume()
         board = SummaryWriter(folder.tensorboard) if self.workers.is_main else None
         for epoch in range(self.state["epoch"], self.epochs):
-            if cfg.patience and epoch - self.state["best"].get("epoch", 0) >= cfg.patience:
-                log.info("fold %d: no better balanced accuracy for %d epochs; stopping early", fold, cfg.patience)
-                break
             started = time.perf_counter()
             row = {"epoch": epoch + 1, "train_loss": self.train_epoch(epoch)}
             row["seconds"] = time.perf_counter() - started
@@ -247,11 +224,11 @@ class FoldTrainer:
         ``tta`` the 8-view mean, the single view beside it) and, last, ``best.json``."""
         cfg, data, best = self.cfg, self.data, self.state["best"]
         restore_learned_state(self.model, self.state["best_state"])
-        save_fold_model(self.model, cfg, self.folder.path)
+        save_fold_model(self.model, self.spec.mode, self.folder.path)
         probs = {"prob_atypical": np.array(self.state["best_probs"])}
         if cfg.tta:  # what the exported graph will serve; the single-view figures stay beside them for comparison
             single = probs["prob_atypical"]
-            tta = predict_probs(self.network, self.preprocess, data.val_x, cfg.eval_batch_size, self.device, tta=True)
+            tta = predict_probs(self.model, self.preprocess, data.val_x, cfg.eval_batch_size, self.device, tta=True)
             probs = {"prob_atypical": tta, "prob_atypical_no_tta": single}
             figures = summarize(data.val_y, tta, threshold=0.5)
             best["tta"] = {k: figures[k] for k in ("balanced_accuracy", "roc_auc")}
@@ -322,7 +299,7 @@ def train_run(
         log.info("fold %d kept epoch %d: BA %.4f", fold, best["epoch"], best["balanced_accuracy"])
     if workers.is_main and not run.unfinished_folds(cfg.folds):
         val_files = [run.fold(k).val for k in range(cfg.folds)]
-        summary = pool_out_of_fold(val_files, run.oof, domain_balanced=cfg.threshold == "domain-balanced")
+        summary = pool_out_of_fold(val_files, run.oof)
         run.summary.write_text(json.dumps(summary, indent=1))
         log.info(
             "out-of-fold: BA %.4f AUC %.4f at threshold %.4f",

@@ -73,7 +73,12 @@ def write_upload(model_dir: Path, output_dir: Path, device: Device = "cuda") -> 
         shutil.rmtree(staged, ignore_errors=True)
         raise
     size = upload.size_bytes(output_dir, precision)
-    log.info("upload %s: the %s graph (%.1f MB) and its manifest", output_dir, precision, size / 1e6)
+    log.info(
+        "wrote %s: the %s graph (%.1f MB) and its manifest, what a GPU platform is handed",
+        output_dir,
+        precision,
+        size / 1e6,
+    )
     return upload
 
 

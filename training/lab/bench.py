@@ -17,6 +17,7 @@ import torch
 from peft import PeftModel
 from tqdm import tqdm
 
+from training.adapt import merge_adapter
 from training.lab.cold_start import SAMPLE_CASE, cold_start
 from training.model import Ensemble
 from training.preprocess import Preprocess
@@ -24,7 +25,8 @@ from training.preprocess import Preprocess
 log = logging.getLogger(__name__)
 
 # --backbone name -> registry entry: Virchow's blocks at three sizes, random weights
-BENCH_BACKBONES = {"tiny-virchow": "tiny-virchow", "vit-base": "vit-base-random", "virchow-size": "virchow-size-random"}
+# Virchow's blocks at three sizes, random weights: names in the backbone registry (training.backbones)
+BENCH_BACKBONES = ("tiny-virchow", "vit-base-random", "virchow-size-random")
 BENCH_FOLDS = 3
 BENCH_LORA = {"rank": 8, "alpha": 16, "dropout": 0.0}  # the paper's rank; no dropout, so eval == train numerics
 HEAD_STD = 0.5  # a random head that spreads P(atypical) over (0, 1) as a trained one does, so parity means something
@@ -42,9 +44,9 @@ GPU_PEAK_TFLOPS = {
 def peer_folds(backbone: str, device: torch.device) -> list[PeftModel]:
     """The peer container's model: per fold, a PeftModel with a rank-8 LoRA adapter (non-zero B: merging changes
     the weights) and its own head, on the same base weights, left unmerged; fp32, eval mode."""
-    from training.adapt import apply_lora
-    from training.config import LoraSettings
+    from training.adapt import HEAD, apply_lora
     from training.model import build_classifier
+    from training.spec import LoraSettings
 
     folds = []
     for fold in range(BENCH_FOLDS):
@@ -54,7 +56,7 @@ def peer_folds(backbone: str, device: torch.device) -> list[PeftModel]:
             for name, param in model.named_parameters():
                 if "lora_B" in name:
                     param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
-                elif name.endswith("atypia_head.weight") and "modules_to_save" in name:
+                elif name.endswith(f"{HEAD}.weight") and "modules_to_save" in name:
                     param.copy_(torch.randn(param.shape, generator=generator) * HEAD_STD / param.shape[1] ** 0.5)
         folds.append(model.to(device).eval())
     return folds
@@ -227,9 +229,10 @@ def bench_stack(
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: torch sees no GPU here")
     pages = process.read_stack(process.find_stack(case_dir)).pages
-    folds = peer_folds(BENCH_BACKBONES[backbone], torch.device(device))
+    folds = peer_folds(backbone, torch.device(device))
     preprocess = Preprocess.for_backbone(folds[0].get_base_model().backbone).to(device)
-    merged = [copy.deepcopy(fold).merge_and_unload().eval() for fold in folds]
+    x = preprocess(torch.from_numpy(np.stack(pages)).to(device))
+    merged = [merge_adapter(copy.deepcopy(fold), x)[0] for fold in folds]  # checked as export checks it
     gflops = stack_gflops(Ensemble(Preprocess.for_backbone(merged[0].backbone), merged).eval(), pages)
     with tempfile.TemporaryDirectory(prefix="bench-model-") as tmp:
         sizes = export_with_sizes(merged, pages, backbone, device, Path(tmp))

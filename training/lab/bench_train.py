@@ -1,6 +1,6 @@
 """Training throughput of LoRA steps: the recipe ``training.train`` runs on a GPU against a naive loop.
 
-``python -m training bench-train [--device cpu|cuda] [--backbone tiny-virchow|vit-base|virchow-size]
+``python -m training bench-train [--device cpu|cuda] [--backbone tiny-virchow|vit-base-random|virchow-size-random]
 [--batch-size B] [--steps S] [--json OUT]`` times optimizer steps (forward, class-weighted BCE, backward, AdamW) of
 one rank-8 LoRA model on random patches, two ways, interleaved after a warm-up:
 
@@ -24,10 +24,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from training.adapt import apply_lora
-from training.config import LoraSettings
-from training.lab.bench import BENCH_BACKBONES, BENCH_LORA, hardware_description, set_fused_attention, timed, versions
+from training.lab.bench import BENCH_LORA, hardware_description, set_fused_attention, timed, versions
 from training.model import build_classifier
 from training.preprocess import Preprocess
+from training.spec import LoraSettings
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def bench_train(
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: torch sees no GPU here")
     dev = torch.device(device)
-    model = apply_lora(build_classifier(BENCH_BACKBONES[backbone]), LoraSettings(**BENCH_LORA))
+    model = apply_lora(build_classifier(backbone), LoraSettings(**BENCH_LORA))
     model = model.to(dev).train()
     preprocess = Preprocess.for_backbone(model.get_base_model().backbone).to(dev)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

@@ -168,6 +168,8 @@ def run_image(
         done = runner(docker_command(image, case, out, device, docker))
         seconds = time.monotonic() - start
         lines = [line for line in (done.stderr or "").splitlines() if line.strip()]
+        if not runs and (served := [line for line in lines if line.startswith("INFO model ")]):
+            log.info("%s serves %s", image, served[0].removeprefix("INFO "))  # which model the image holds
         run = CaseRun(case.name, seconds, done.returncode, lines[-1].strip() if lines else "")
         if done.returncode != 0:
             shutil.rmtree(out, ignore_errors=True)
@@ -233,7 +235,8 @@ def build_stacks(
     and the stacks are taken from the groups in turn. ``n_stacks`` keeps the first that many. Returns
     ``{"stacks", "figures"}``.
     """
-    from training.data import decode_figures, read_datasets, scanner_pixel_sizes
+    from training.data import read_datasets, scanner_pixel_sizes
+    from training.pixels import decode_figures
     from training.synthetic import write_case
 
     if not 1 <= stack_size <= MAX_PAGES:
@@ -283,5 +286,6 @@ def build_stacks(
         writer.writerow(("stack", "page", "image_id", "label", "scanner", "tumor", "domain"))
         writer.writerows(rows)
     by = f"{domain}: {', '.join(names)}"
-    log.info("wrote %d stacks of %d figures to %s (domains by %s)", len(stacks), len(chosen), output, by)
+    shape = f"{len(chosen)} figures in {len(stacks)} stacks of up to {max(len(s) for s in stacks)}"
+    log.info("wrote %s to %s (domains by %s)", shape, output, by)
     return {"stacks": len(stacks), "figures": len(chosen)}

@@ -8,15 +8,17 @@ from pathlib import Path
 
 
 def add_lab_commands(sub: argparse._SubParsersAction) -> None:
-    _add_scoring_commands(sub)
+    for add in (_add_data_measures, _add_cases_and_score):
+        add(sub)
     _add_experiment_commands(sub)
 
 
 def _describe(args: argparse.Namespace) -> None:
     import json
 
-    from training.data import at_pixel_size, decode_figures, read_datasets
+    from training.data import read_datasets
     from training.lab.describe import describe_domains, table
+    from training.pixels import at_pixel_size, decode_figures
 
     figures = read_datasets(args.data_root)
     pixels = decode_figures(figures)
@@ -95,8 +97,8 @@ def _bench_train(args: argparse.Namespace) -> None:
     report(result, args.json)
 
 
-def _add_scoring_commands(sub: argparse._SubParsersAction) -> None:
-    """The lab's measurements of data and models: describe, probe, stacks, score."""
+def _add_data_measures(sub: argparse._SubParsersAction) -> None:
+    """The lab's measurements of data and of a model's robustness: describe, probe."""
     p = sub.add_parser(
         "describe",
         help="per scanner: figures, atypical share, mean colour, sharpness, detail and mid band, JPEG block grid",
@@ -123,6 +125,9 @@ def _add_scoring_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.set_defaults(func=_probe)
 
+
+def _add_cases_and_score(sub: argparse._SubParsersAction) -> None:
+    """Cases as the leaderboard builds them, and the official evaluation's metrics: stacks, score."""
     p = sub.add_parser(
         "stacks",
         help="Grand Challenge cases (stacks of figures) + their ground truth in the "
@@ -148,7 +153,7 @@ def _add_scoring_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "score",
-        help="the official Track 2 evaluation's figures for answers to cases "
+        help="the official Track 2 evaluation's metrics for answers to cases "
         "(optionally running a container image over the cases first)",
     )
     p.add_argument("--ground-truth", type=Path, required=True, help="ground_truth.json in the official format")
@@ -181,10 +186,12 @@ def _add_scoring_commands(sub: argparse._SubParsersAction) -> None:
 
 def _add_device_and_backbone(p: argparse.ArgumentParser, device: str, backbone: str) -> None:
     """The benchmarks' device and model: Virchow's blocks at three sizes, random weights (bench.BENCH_BACKBONES)."""
+    from training.lab.bench import BENCH_BACKBONES
+
     p.add_argument("--device", choices=("cpu", "cuda"), default=device)
     p.add_argument(
         "--backbone",
-        choices=("tiny-virchow", "vit-base", "virchow-size"),
+        choices=BENCH_BACKBONES,
         default=backbone,
         help="Virchow's blocks, random weights: a few small ones, ViT-B size, Virchow's 632M",
     )
@@ -226,7 +233,7 @@ def _add_experiment_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_bench_train)
 
     p = sub.add_parser("gpu-check", help="the Virchow-size ensemble on one GPU: serving, peer, cold start, VRAM, MFU")
-    _add_device_and_backbone(p, "cuda", "virchow-size")
+    _add_device_and_backbone(p, "cuda", "virchow-size-random")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--train-batch-size", type=int, default=32, help="LoRA training steps' batch")
     p.add_argument("--json", type=Path, help="also write the figures here")

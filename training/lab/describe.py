@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from training.data import Figure
+from training.figure import Figure
 from training.preprocess import binomial_blur, detail_rms, equalize_detail, standardize_channels
 
 JPEG_BLOCK = 8  # JPEG compresses 8x8-pixel blocks: a scanner that stores tiles as JPEG leaves this grid

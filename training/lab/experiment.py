@@ -13,19 +13,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from peft import PeftModel
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from contracts import classify
-from training.adapt import load_fold_model
+from training.adapt import classifier_of, load_fold_model
 from training.config import TrainConfig
-from training.data import Figure, decode_figures, read_datasets
-from training.evaluate import figures as figures_of
+from training.data import read_datasets
+from training.evaluate import domain_scores
+from training.figure import Figure
 from training.lab.grid import BLUR_FILE, COST_FILE, STACK, Cell, GridConfig, expand, load_grid
 from training.lab.report import collect, write_report
-from training.model import Classifier, classifier_for, preprocess_for
-from training.preprocess import Preprocess
+from training.model import classifier_for, preprocess_for
+from training.pixels import decode_figures
+from training.preprocess import Preprocess, mean_over_views, model_input
 from training.run import RunFolder
 from training.train import train_run
 
@@ -47,22 +48,27 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 @torch.no_grad()
 def blurred_probs(
-    model: torch.nn.Module, preprocess: Preprocess, pixels: np.ndarray, sigma: float, where: str, batch_size: int = 128
+    model: torch.nn.Module,
+    preprocess: Preprocess,
+    pixels: np.ndarray,
+    sigma: float,
+    where: str,
+    tta: bool,
+    batch_size: int = 128,
 ) -> np.ndarray:
     """P(atypical) with the figures blurred ``pre`` the resize (on the 128 px crop-out, as a blurry scan would be)
-    or ``post`` it (on the model's input); the two differ by the resize factor, and not at all at native size."""
+    or ``post`` it (on the model's input); the two differ by the resize factor, and not at all at native size.
+    Otherwise as served: ``Preprocess`` and, with ``tta``, the mean over the 8 D4 views."""
     device = next(model.parameters()).device
+    post = (lambda x: gaussian_blur(x, sigma)) if where == "post" else None
     probs = []
     for start in range(0, len(pixels), batch_size):
-        x = torch.from_numpy(pixels[start : start + batch_size]).to(device).permute(0, 3, 1, 2).float()
-        x = preprocess.resize(gaussian_blur(x, sigma) if where == "pre" else x)
-        x = preprocess.standardized(preprocess.normalize(gaussian_blur(x, sigma) if where == "post" else x))
-        probs.append(torch.sigmoid(model(x).float()).cpu().numpy())
+        x = torch.from_numpy(pixels[start : start + batch_size]).to(device).float()
+        if where == "pre":  # NHWC -> NCHW for the blur, and back
+            x = gaussian_blur(x.permute(0, 3, 1, 2), sigma).permute(0, 2, 3, 1)
+        p = torch.sigmoid(model(model_input(preprocess, x, tta, post)).float())
+        probs.append(mean_over_views(p, 8 if tta else 1).cpu().numpy())
     return np.concatenate(probs)
-
-
-def _classifier_of(model: torch.nn.Module) -> Classifier:
-    return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 def measure_blur(cell: Cell, run_dir: Path, figures: list[Figure], pixels: np.ndarray, sigmas: list[float]) -> dict:
@@ -73,22 +79,26 @@ def measure_blur(cell: Cell, run_dir: Path, figures: list[Figure], pixels: np.nd
     labels = np.array([f.label for f in figures])
     result: dict[str, dict[str, dict[str, float]]] = {"pre": {}, "post": {}}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    models = [load_fold_model(cell.config, run.fold(k).path).to(device) for k in range(cell.config.folds)]
-    preprocess = preprocess_for(cell.config, _classifier_of(models[0])).to(device)
+    spec = cell.config.spec()
+    models = [load_fold_model(spec, run.fold(k).path).to(device) for k in range(cell.config.folds)]
+    preprocess = preprocess_for(spec, classifier_of(models[0])).to(device)
     for where in result:
         for sigma in [0.0, *sigmas]:
             rows = [np.array([index[i] for i in ids]) for ids in val_ids]
-            probs = [blurred_probs(m, preprocess, pixels[r], sigma, where) for m, r in zip(models, rows, strict=True)]
+            probs = [
+                blurred_probs(m, preprocess, pixels[r], sigma, where, cell.config.tta)
+                for m, r in zip(models, rows, strict=True)
+            ]
             idx, p = np.concatenate(rows), np.concatenate(probs)
-            figs = figures_of(labels[idx], classify(p, threshold).astype(int), p)
+            figs = domain_scores(labels[idx], classify(p, threshold).astype(int), p)
             result[where][str(sigma)] = {k: figs[k] for k in ("balanced_accuracy", "roc_auc")}
     return result
 
 
 def measure_cost(config: TrainConfig) -> dict[str, float]:
     """Parameters, GFLOPs per 128 px figure (resize included), and the median time of one 16-figure stack."""
-    classifier = classifier_for(config).eval()
-    preprocess = preprocess_for(config, classifier)
+    classifier = classifier_for(config.spec()).eval()
+    preprocess = preprocess_for(config.spec(), classifier)
     stack = torch.randint(0, 256, (STACK, 128, 128, 3), dtype=torch.uint8)
     with torch.no_grad():
         with FlopCounterMode(display=False) as counter:

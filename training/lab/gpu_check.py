@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from training.lab.bench import BENCH_BACKBONES, bench_stack, hardware_description, peer_folds, peer_predict, timed
+from training.adapt import merge_adapter
+from training.lab.bench import bench_stack, hardware_description, peer_folds, peer_predict, timed
 from training.lab.bench_train import bench_train
 from training.lab.cold_start import REPO, SAMPLE_CASE
 from training.model import Ensemble
@@ -78,9 +79,10 @@ def torch_serving(device: str, backbone: str, repeats: int, case_dir: Path, cold
 
     pages = process.read_stack(process.find_stack(case_dir)).pages
     dev = torch.device(device)
-    folds = peer_folds(BENCH_BACKBONES[backbone], dev)
+    folds = peer_folds(backbone, dev)
     preprocess = Preprocess.for_backbone(folds[0].get_base_model().backbone).to(dev)
-    merged = [copy.deepcopy(fold).merge_and_unload().half().eval() for fold in folds]
+    x = preprocess(torch.from_numpy(np.stack(pages)).to(dev))
+    merged = [merge_adapter(copy.deepcopy(fold), x)[0].half() for fold in folds]  # checked as export checks it
     ensemble = Ensemble(Preprocess.for_backbone(merged[0].backbone), merged).to(dev).eval()
     batch = torch.from_numpy(np.stack(pages)).to(dev)
 
@@ -135,7 +137,7 @@ def cold_starts(pickled: Path, device: str, case_dir: Path, repeats: int) -> dic
 
 def gpu_check(
     device: str = "cuda",
-    backbone: str = "virchow-size",
+    backbone: str = "virchow-size-random",
     repeats: int = 5,
     case_dir: Path = SAMPLE_CASE,
     cold_repeats: int = 3,

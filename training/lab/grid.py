@@ -11,7 +11,7 @@ A grid file (``training/configs/experiments/``)::
     studies:                               # each a cross product; a cell that two studies share runs once
       - name: data-scaling
         methods: [efficientnetv2-b0]       # default: every method
-        data: ["10%", "100%", "256/class"] # share of each class, or a cap per class, of each fold's training set
+        data: ["10%", "100%"]             # share of each class of each fold's training set
         split: [slide]                     # slide | random | scanner-out | tumor-out
         seeds: [42]
     blur:                                  # robustness, on each method's slide-split full-data cells
@@ -36,7 +36,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from training.config import TrainConfig, layered, load_config, validated
-from training.data import Figure
+from training.figure import Figure
 
 SPLITS: dict[str, dict[str, str]] = {
     "slide": {"split": "slide"},
@@ -44,7 +44,7 @@ SPLITS: dict[str, dict[str, str]] = {
     "scanner-out": {"split": "domain", "domain": "scanner"},
     "tumor-out": {"split": "domain", "domain": "tumor"},
 }
-DATA_AMOUNT = re.compile(r"^(?:(?P<percent>\d+(?:\.\d+)?)%|(?P<cap>\d+)/class)$")
+DATA_AMOUNT = re.compile(r"^(?P<percent>\d+(?:\.\d+)?)%$")
 BLUR_FILE = "blur.json"
 COST_FILE = "cost.json"
 STACK = 16  # figures per case: the latency the container pays
@@ -85,12 +85,10 @@ class GridConfig(_Strict):
 
 
 def parse_amount(amount: str) -> dict[str, Any]:
-    """'10%' -> a share of each class; '256/class' -> a cap per class (of each fold's training figures)."""
+    """'10%' -> a share of each class (of each fold's training figures)."""
     match = DATA_AMOUNT.match(amount)
     if not match:
-        raise ValueError(f"data amount {amount!r}: write a share like '10%' or a cap like '256/class'")
-    if match["cap"]:
-        return {"train_per_class": int(match["cap"])}
+        raise ValueError(f"data amount {amount!r}: write a share like '10%'")
     percent = float(match["percent"])
     if not 0 < percent <= 100:
         raise ValueError(f"data amount {amount!r}: the share must be in (0, 100]")
@@ -98,7 +96,7 @@ def parse_amount(amount: str) -> dict[str, Any]:
 
 
 def amount_tag(amount: str) -> str:
-    return amount.replace("%", "pct").replace("/", "-per-")
+    return amount.replace("%", "pct")
 
 
 class Cell(BaseModel):

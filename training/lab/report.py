@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from contracts import classify
-from training.evaluate import evaluate, figures
+from training.evaluate import evaluate
 from training.lab.grid import BLUR_FILE, STACK, Cell, GridConfig
 from training.lab.plots import PLOTS
-from training.metrics import read_predictions
+from training.metrics import balanced_accuracy, read_predictions
 from training.run import RunFolder, provenance
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def cell_result(cell: Cell, run_dir: Path, costs: dict[str, dict[str, float]]) -
         **{k: scored[k] for k in ("balanced_accuracy", "sensitivity", "specificity", "accuracy", "roc_auc")},
         "ba_ci_lo": scored["balanced_accuracy_ci"][0],
         "ba_ci_hi": scored["balanced_accuracy_ci"][1],
-        "ba_at_0.5": figures(oof["label"], classify(oof["prob"], 0.5).astype(int), oof["prob"])["balanced_accuracy"],
+        "ba_at_0.5": balanced_accuracy(oof["label"], classify(oof["prob"], 0.5)),
         **costs.get(cell.method, {}),
     }
     row["domains"] = scored["domains"]

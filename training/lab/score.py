@@ -49,18 +49,16 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import accuracy_score, recall_score, roc_auc_score
+from sklearn.metrics import roc_auc_score
 
 from contracts import ANSWER_FILENAME, INPUT_INTERFACE
-from training.metrics import balanced_accuracy
+from training.metrics import scores
 
 log = logging.getLogger(__name__)
 
@@ -237,29 +235,20 @@ def _auc(labels: np.ndarray, scores: np.ndarray, where: str, notes: list[str]) -
     return float(roc_auc_score(labels, scores))
 
 
-def _domain_figures(
-    labels: np.ndarray, classes: np.ndarray, scores: np.ndarray, where: str, notes: list[str]
+def _domain_metrics(
+    labels: np.ndarray, classes: np.ndarray, confidences: np.ndarray, where: str, notes: list[str]
 ) -> dict[str, float | None]:
-    with warnings.catch_warnings():
-        # theirs: recall_score's default zero_division gives 0.0 for an absent class, with a warning we document
-        warnings.simplefilter("ignore")
-        sensitivity = float(recall_score(labels, classes))
-        specificity = float(recall_score(labels, classes, pos_label=0))
+    """``training.metrics.scores`` (the official conventions), with a note where a class is absent and the AUC as
+    null where the official evaluation would raise."""
     for name, absent in (("sensitivity", not labels.any()), ("specificity", labels.all())):
         if absent:
             notes.append(
                 f"{where}: {name} 0.0, no {'atypical' if name == 'sensitivity' else 'normal'} pages "
                 "(as the official evaluation reports it)"
             )
-    ba = balanced_accuracy(labels, classes)  # the same 0.0-for-an-absent-class convention as recall_score
-    assert math.isclose(ba, (sensitivity + specificity) / 2, abs_tol=1e-12)
-    return {
-        "sensitivity": sensitivity,
-        "specificity": specificity,
-        "balanced_accuracy": ba,
-        "accuracy": float(accuracy_score(labels, classes)),
-        "roc_auc": _auc(labels, scores, where, notes),
-    }
+    result = scores(labels, classes, confidences)
+    names = ("sensitivity", "specificity", "balanced_accuracy", "accuracy")
+    return {**{k: result[k] for k in names}, "roc_auc": _auc(labels, confidences, where, notes)}
 
 
 def score(truth: dict[str, Truth], answers: Sequence[Answer], domain_names: dict[int, str] | None = None) -> dict:
@@ -300,7 +289,7 @@ def score(truth: dict[str, Truth], answers: Sequence[Answer], domain_names: dict
     names = domain_names if domain_names is not None else dict(enumerate(OFFICIAL_DOMAINS))
     for d in np.unique(dom):
         m = dom == d
-        aggregates[f"domain_{d}"] = _domain_figures(y[m], pred[m], prob[m], f"domain_{d}", notes)
+        aggregates[f"domain_{d}"] = _domain_metrics(y[m], pred[m], prob[m], f"domain_{d}", notes)
     return {
         "aggregates": aggregates,
         "n_stacks": len(answers),

@@ -10,7 +10,7 @@ from conftest import red_mean_model, run_cli
 
 from contracts import resample_to_pixel_size
 from training.data import read_dataset
-from training.evaluate import figures as classification_figures
+from training.evaluate import domain_scores
 from training.lab.describe import jpeg_grid
 from training.lab.probe import RENDERINGS, as_jpeg, defocused, probe, stained, with_gamma, with_noise
 from training.synthetic import synthetic_figures, write_midog25
@@ -64,7 +64,7 @@ def test_probe_moves_a_known_model_as_each_rendering_should(dataset, tmp_path):
     red = at_pixel_size(figures, pixels, 0.23)[..., 0].mean(axis=(1, 2)) / 255
     scanned = results["as scanned"]
     labels = np.array([f.label for f in figures])
-    assert scanned == pytest.approx(classification_figures(labels, (red >= 0.5).astype(int), red), abs=1e-5)
+    assert scanned == pytest.approx(domain_scores(labels, (red >= 0.5).astype(int), red), abs=1e-5)
     assert results["gamma 0.8"]["mean_prob_normal"] > scanned["mean_prob_normal"] + 0.02
     assert results["gamma 1.25"]["mean_prob_normal"] < scanned["mean_prob_normal"] - 0.02
     # more hematoxylin darkens red most of the three channels, more eosin barely (it absorbs green)
@@ -78,7 +78,7 @@ def test_probe_moves_a_known_model_as_each_rendering_should(dataset, tmp_path):
                 for p, s in zip(pixels, sizes, strict=True)
             ]
         )
-        assert results[name] == pytest.approx(classification_figures(labels, (red >= 0.5).astype(int), red), abs=1e-5)
+        assert results[name] == pytest.approx(domain_scores(labels, (red >= 0.5).astype(int), red), abs=1e-5)
         assert results[name]["mean_prob_normal"] != scanned["mean_prob_normal"]
     for name in ("JPEG quality 75", "JPEG quality 50", "noise sd 4", "defocus 0.7 px"):  # the mean red barely moves
         assert results[name]["mean_prob_normal"] == pytest.approx(scanned["mean_prob_normal"], abs=0.01)

@@ -26,7 +26,7 @@ from PIL import Image, ImageFilter
 from contracts import classify
 from process import OnnxEnsemble
 from training.augment import rescale_stains
-from training.evaluate import figures as classification_figures
+from training.evaluate import domain_scores
 from training.lab.describe import JPEG_BLOCK
 from training.predict import figures_to_score
 
@@ -117,7 +117,7 @@ def probe(
         served_sizes = [None if s is None else s * rendering.pixel_size_factor for s in sizes]
         probs = ensemble.predict(pages, pixel_sizes_um=served_sizes)
         preds = classify(probs, ensemble.manifest.threshold).astype(int)
-        results[rendering.name] = row = classification_figures(labels, preds, probs)
+        results[rendering.name] = row = domain_scores(labels, preds, probs)
         log.info(
             "%s: mean P normal %.3f, atypical %.3f; BA %.3f",
             rendering.name,

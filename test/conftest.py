@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -98,16 +99,20 @@ def demo_run(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("demo")
     paths = {"data": root / "data", "run": root / "run", "model": root / "model", "upload": root / "upload"}
     places = [f"PY={sys.executable}", f"DEMO={root}", f"MODEL={paths['model']}", f"UPLOAD={paths['upload']}"]
-    result = subprocess.run(
-        ["make", "--no-print-directory", "-o", ".venv/.installed", "demo", *places],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    if result.returncode != 0:
-        pytest.fail(f"make demo exited {result.returncode}:\n{result.stderr[-3000:]}")
-    return {**paths, "answer": root / "output" / "multiple-mitotic-figure-classification.json", "log": result}
+    command = ["make", "--no-print-directory", "-o", ".venv/.installed", "demo", *places]
+    # a session of its own, so that a timeout kills the training make started, not only make
+    with subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as make:
+        try:
+            stdout, stderr = make.communicate(timeout=900)
+        except subprocess.TimeoutExpired:
+            os.killpg(make.pid, signal.SIGKILL)
+            make.communicate()
+            pytest.fail("make demo took over 900 s")
+    if make.returncode != 0:
+        pytest.fail(f"make demo exited {make.returncode}:\n{stderr[-3000:]}")
+    return {**paths, "answer": root / "output" / "multiple-mitotic-figure-classification.json", "stdout": stdout}
 
 
 def red_mean_model(model_dir: Path, pixel_size_um: float | None = None) -> Path:

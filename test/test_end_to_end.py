@@ -37,3 +37,17 @@ def test_demo_chain_through_test_sh_matches_pytorch(demo_run, checkout, built, t
     expected.write_text(json.dumps(pytorch_answer(demo_run["run"], checkout / "test" / "input")))
     result = run_script(checkout, "test.sh", GPUS="", EXPECTED=str(expected))
     assert "OK: 16 answers match" in result.stdout
+
+
+def test_make_demo_leaves_the_tree_docker_build_needs_and_prints_the_answer(demo_run):
+    """upload/ holds the graph a GPU serves and its manifest (what the Dockerfile copies), and the last thing make
+    demo prints is the answer it wrote."""
+    from contracts import ModelManifest
+
+    upload = ModelManifest.load(demo_run["upload"])
+    assert sorted(p.name for p in demo_run["upload"].iterdir()) == sorted(["manifest.json", *upload.files])
+    assert list(upload.graphs) == ["fp16"]
+    lines = demo_run["stdout"].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("["))
+    printed = json.loads("\n".join(lines[start:]))
+    assert printed == json.loads(demo_run["answer"].read_text()) and len(printed) == 16

@@ -146,7 +146,7 @@ def test_runs_on_the_same_folds_export_as_one_graph(demo_run, tmp_path):
     from training.model import Ensemble, preprocess_for
     from training.run import RunFolder
 
-    other = _variant(tmp_path, "other", backbone="tiny-uni", standardize="channels", tta=True, epochs=2)
+    other = _variant(tmp_path, "other", backbone="tiny-uni", standardize="channels", tta=True, epochs=1)
     run_b = tmp_path / "b"
     run_cli("-m", "training", "train", "--config", other, "--data-root", demo_run["data"], "--output", run_b)
     model = tmp_path / "model"

@@ -266,8 +266,10 @@ def run(input_dir: Path, output_dir: Path, model_dir: Path, device: str, quiet: 
     check_output_folder(output_dir)
     stack = find_stack(input_dir)
     case = read_stack(stack)
-    sizes = sorted({f"{s:.3f} um/px" if s is not None else "no pixel size recorded" for s in case.pixel_sizes_um})
-    log.info("read %s: %d page(s), %s", stack.name, len(case.pages), ", ".join(sizes))
+    sizes = sorted(
+        {f"at {s:.3f} um/px" if s is not None else "with no pixel size recorded" for s in case.pixel_sizes_um}
+    )
+    log.info("read %s: %d page(s) %s", stack.name, len(case.pages), ", ".join(sizes))
     ensemble = OnnxEnsemble(model_dir, device, quiet)
     log.info(
         "model %s (%s, %d folds, threshold %.4f, %s) in %s on %s",

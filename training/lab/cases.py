@@ -9,6 +9,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -168,7 +169,7 @@ def run_image(
         done = runner(docker_command(image, case, out, device, docker))
         seconds = time.monotonic() - start
         lines = [line for line in (done.stderr or "").splitlines() if line.strip()]
-        if not runs and (served := [line for line in lines if line.startswith("INFO model ")]):
+        if not runs and (served := [line for line in lines if re.match(r"INFO model \S+ \(", line)]):
             log.info("%s serves %s", image, served[0].removeprefix("INFO "))  # which model the image holds
         run = CaseRun(case.name, seconds, done.returncode, lines[-1].strip() if lines else "")
         if done.returncode != 0:

@@ -34,7 +34,7 @@ lint: $(INSTALLED)
 	$(VENV)/bin/lint-imports
 
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=30  # the slowest 30 printed: the suite has a 12-minute budget (docs/benchmarks.md)
 
 # process.py fuzzed as a whole process (test/test_fuzz_process.py): 300 mutants a seed instead of make test's 8
 fuzz: $(INSTALLED)

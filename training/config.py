@@ -6,22 +6,18 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from training.backbones import Pooling, backbone_spec
 from training.data import normalize_scanner
 from training.preprocess import Standardize
 from training.run import RunFolder
-from training.spec import LoraSettings, Mode, ModelSpec
+from training.spec import LoraSettings, Mode, ModelSpec, Strict
 
 Validated = TypeVar("Validated", bound=BaseModel)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     name: str = "virchow-lora"
     backbone: str = "virchow"
     weights: str | None = Field(None, description="hf-hub:<repo> (local cache) or local-dir:<path>; None = default")

@@ -21,22 +21,24 @@ Mode = Literal["lora", "linear", "full"]  # how a fold learns: training.adapt
 ATTENTION_TARGETS = r"backbone\.blocks\.\d+\.attn\.(qkv|proj)"
 
 
-class LoraSettings(BaseModel):
+class Strict(BaseModel):
+    """Unknown keys refused, values frozen: every config of the training package is read this way."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+
+class LoraSettings(Strict):
     rank: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.1, ge=0, lt=1)
     target_modules: str = ATTENTION_TARGETS
 
 
-class ModelSpec(BaseModel):
+class ModelSpec(Strict):
     """``backbone``: a name in ``training.backbones``; ``weights``: hf-hub:<repo> or local-dir:<path> (None: the
     backbone's default); ``pooling``: None = the backbone's published pooling; ``standardize``: what
     ``training.preprocess.Preprocess`` does after the backbone's normalization; ``mode`` and ``lora``: how a fold
     learns and what of it is saved (``training.adapt``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     backbone: str
     weights: str | None = None

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from training.config import TrainConfig, layered, load_config, validated
 from training.figure import Figure
+from training.spec import Strict
 
 SPLITS: dict[str, dict[str, str]] = {
     "slide": {"split": "slide"},
@@ -50,16 +51,12 @@ COST_FILE = "cost.json"
 STACK = 16  # figures per case: the latency the container pays
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Study(_Strict):
+class Study(Strict):
     name: str
     methods: list[str] | None = None
-    data: list[str] = ["100%"]
-    split: list[Literal["slide", "random", "scanner-out", "tumor-out"]] = ["slide"]
-    seeds: list[int] = [42]
+    data: list[str] = Field(["100%"])
+    split: list[Literal["slide", "random", "scanner-out", "tumor-out"]] = Field(["slide"])
+    seeds: list[int] = Field([42])
 
     @field_validator("data")
     @classmethod
@@ -69,15 +66,15 @@ class Study(_Strict):
         return amounts
 
 
-class BlurStudy(_Strict):
+class BlurStudy(Strict):
     sigmas: list[float] = Field(min_length=1)
     methods: list[str] | None = None
 
 
-class GridConfig(_Strict):
+class GridConfig(Strict):
     name: str
     base: Path
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = Field({})
     methods: dict[str, dict[str, Any]] = Field(min_length=1)
     studies: list[Study] = Field(min_length=1)
     blur: BlurStudy | None = None

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 DEMO_CONFIG = REPO / "training" / "configs" / "tiny-demo.yaml"
 sys.path.insert(0, str(REPO))
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # make test's workers share the cores: each worker's torch, and every process it starts, gets cores / workers
+    # threads, not all of them each (torch's threads, oversubscribed, spend their time waiting on each other)
+    cores = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores)))
 # the Docker engine and the image under test (engine, checkout, built, exported), for the container tests
 pytest_plugins = ["engine_fixtures"]
 
@@ -92,12 +99,41 @@ def model_dir(demo_run):
     return demo_run["model"]
 
 
+@pytest.hookimpl(tryfirst=True)  # xdist reads the groups in its own hook: ours runs first
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """How ``make test``'s workers (pytest-xdist, ``--dist loadgroup``) share the tests: a module's tests run on one
+    worker, so that its module fixtures (trained runs) are made once; every test that needs the Docker engine runs
+    on one worker, so that the session builds its image once and no two containers compete for it."""
+    for item in items:
+        group = "engine" if "engine" in item.fixturenames else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
-def demo_run(tmp_path_factory) -> dict[str, Path]:
+def demo_run(tmp_path_factory, worker_id) -> dict[str, Path]:
     """``make demo`` as the README gives it, into a scratch folder (this interpreter, the venv taken as installed):
-    synthetic data -> 3 trained folds -> exported model -> upload -> the answer on test/input."""
-    root = tmp_path_factory.mktemp("demo")
-    paths = {"data": root / "data", "run": root / "run", "model": root / "model", "upload": root / "upload"}
+    synthetic data -> 3 trained folds -> exported model -> upload -> the answer on test/input. Made once per
+    ``make test``: the first worker that needs it makes it under a file lock, the others read it (read-only)."""
+    if worker_id == "master":  # one process, no workers
+        return _make_demo(tmp_path_factory.mktemp("demo"))
+    root = tmp_path_factory.getbasetemp().parent / "demo"  # the folder the workers share
+    with FileLock(f"{root}.lock"):
+        if not (root / "made").exists():
+            shutil.rmtree(root, ignore_errors=True)
+            _make_demo(root)
+            (root / "made").touch()
+    return _demo_paths(root)
+
+
+def _demo_paths(root: Path) -> dict[str, Path]:
+    paths = {name: root / name for name in ("data", "run", "model", "upload")}
+    stdout = (root / "stdout.txt").read_text() if (root / "stdout.txt").exists() else ""
+    return {**paths, "answer": root / "output" / "multiple-mitotic-figure-classification.json", "stdout": stdout}
+
+
+def _make_demo(root: Path) -> dict[str, Path]:
+    root.mkdir(parents=True, exist_ok=True)
+    paths = _demo_paths(root)
     places = [f"PY={sys.executable}", f"DEMO={root}", f"MODEL={paths['model']}", f"UPLOAD={paths['upload']}"]
     command = ["make", "--no-print-directory", "-o", ".venv/.installed", "demo", *places]
     # a session of its own, so that a timeout kills the training make started, not only make
@@ -112,7 +148,8 @@ def demo_run(tmp_path_factory) -> dict[str, Path]:
             pytest.fail("make demo took over 900 s")
     if make.returncode != 0:
         pytest.fail(f"make demo exited {make.returncode}:\n{stderr[-3000:]}")
-    return {**paths, "answer": root / "output" / "multiple-mitotic-figure-classification.json", "stdout": stdout}
+    (root / "stdout.txt").write_text(stdout)
+    return _demo_paths(root)
 
 
 def red_mean_model(model_dir: Path, pixel_size_um: float | None = None) -> Path:

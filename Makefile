@@ -33,12 +33,12 @@ lint: $(INSTALLED)
 	$(PY) -m ruff format --check .
 	$(VENV)/bin/lint-imports
 
-# two workers (pytest-xdist): the suite mostly waits on single processes (training, make demo, docker builds); the
-# tests that need the Docker engine share one worker (test/conftest.py). The slowest 30 printed: the suite has a
-# 12-minute budget (docs/benchmarks.md)
+# two workers (pytest-xdist), a module at a time, the Docker engine's modules on one of them (test/conftest.py):
+# the suite mostly waits on single processes (training, make demo, docker builds). The slowest 30 printed: the
+# suite has a 12-minute budget (docs/benchmarks.md)
 TEST_WORKERS ?= 2
 test: lint
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=30
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope --durations=30
 
 # process.py fuzzed as a whole process (test/test_fuzz_process.py): 300 mutants a seed instead of make test's 8
 fuzz: $(INSTALLED)

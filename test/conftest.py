@@ -99,14 +99,29 @@ def model_dir(demo_run):
     return demo_run["model"]
 
 
-@pytest.hookimpl(tryfirst=True)  # xdist reads the groups in its own hook: ours runs first
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """How ``make test``'s workers (pytest-xdist, ``--dist loadgroup``) share the tests: a module's tests run on one
-    worker, so that its module fixtures (trained runs) are made once; every test that needs the Docker engine runs
-    on one worker, so that the session builds its image once and no two containers compete for it."""
-    for item in items:
-        group = "engine" if "engine" in item.fixturenames else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+# the modules whose tests need the Docker engine (test/engine_fixtures.py): one worker takes them all, first
+ENGINE_MODULES = ("test/test_container.py", "test/test_end_to_end.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """How ``make test``'s workers (pytest-xdist, ``-n 2 --dist loadscope``) share the tests: a module at a time, so
+    that a module's fixtures (trained runs) are made once, and the engine's modules as one unit, first: they are the
+    longest chain (make demo, the image build, export.sh, each container run), and one worker builds the session's
+    image once."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class EngineFirst(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "engine" if nodeid.split("::")[0] in ENGINE_MODULES else super()._split_scope(nodeid)
+
+        def _assign_work_unit(self, node) -> None:
+            if "engine" in self.workqueue:
+                self.workqueue.move_to_end("engine", last=False)
+            super()._assign_work_unit(node)
+
+    return EngineFirst(config, log)
 
 
 @pytest.fixture(scope="session")

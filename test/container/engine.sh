@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Bring up what the container tests need, each step only when it is missing: Debian's docker.io and debootstrap,
-# a running dockerd, and the test base image. No registry is reachable from the test machines, so the CUDA base
+# a running dockerd, the test base image, and the image's dependency layers built on it. No registry is reachable from the test machines, so the CUDA base
 # cannot be pulled; a Debian bookworm root with python3 (debootstrap + docker import) stands in for it. It trusts
 # the host's CA bundle (PIP_CERT) so that pip reaches the package index from inside a build: test scaffolding,
 # not part of the Dockerfile.
@@ -10,6 +10,7 @@ set -euo pipefail
 
 TEST_BASE_IMAGE=${TEST_BASE_IMAGE:-midog25-test-base}
 HOST_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 
 if ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null; then
     apt-get update -qq
@@ -40,4 +41,14 @@ if ! docker image inspect "$TEST_BASE_IMAGE" >/dev/null 2>&1; then
         --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
         --change 'CMD ["bash"]' - "$TEST_BASE_IMAGE" >/dev/null
 fi
-echo "engine.sh: dockerd up, base image $TEST_BASE_IMAGE ready"
+
+# The Dockerfile down to its last dependency layer (everything above the first COPY of our code), built here on the
+# test base, so that the suite's image builds (test.sh, export.sh) find those layers in the engine's cache, as a
+# developer's second build does. Their instructions and requirements.txt are the Dockerfile's own: an edit to
+# either is a cache miss, never a stale layer.
+deps=$(mktemp -d)
+sed '/^COPY contracts.py/,$d' "$REPO/Dockerfile" >"$deps/Dockerfile"
+cp "$REPO/requirements.txt" "$deps/"
+docker build --quiet --build-arg "BASE_IMAGE=$TEST_BASE_IMAGE" --tag "$TEST_BASE_IMAGE-deps" "$deps" >/dev/null
+rm -rf "$deps"
+echo "engine.sh: dockerd up, base image $TEST_BASE_IMAGE and the image's dependency layers ready"

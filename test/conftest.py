@@ -151,9 +151,11 @@ def _make_demo(root: Path) -> dict[str, Path]:
     paths = _demo_paths(root)
     places = [f"PY={sys.executable}", f"DEMO={root}", f"MODEL={paths['model']}", f"UPLOAD={paths['upload']}"]
     command = ["make", "--no-print-directory", "-o", ".venv/.installed", "demo", *places]
+    # every core, not a worker's share: most of the suite waits for this run, the other worker soon among them
+    env = {**os.environ, "OMP_NUM_THREADS": str(len(os.sched_getaffinity(0)))}
     # a session of its own, so that a timeout kills the training make started, not only make
     with subprocess.Popen(
-        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     ) as make:
         try:
             stdout, stderr = make.communicate(timeout=900)

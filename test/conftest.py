@@ -16,11 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 DEMO_CONFIG = REPO / "training" / "configs" / "tiny-demo.yaml"
 sys.path.insert(0, str(REPO))
+CORES = len(os.sched_getaffinity(0))
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     # make test's workers share the cores: each worker's torch, and every process it starts, gets cores / workers
     # threads, not all of them each (torch's threads, oversubscribed, spend their time waiting on each other)
-    cores = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, CORES // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 # the Docker engine and the image under test (engine, checkout, built, exported), for the container tests
 pytest_plugins = ["engine_fixtures"]
 
@@ -130,29 +130,32 @@ def demo_run(tmp_path_factory, worker_id) -> dict[str, Path]:
     synthetic data -> 3 trained folds -> exported model -> upload -> the answer on test/input. Made once per
     ``make test``: the first worker that needs it makes it under a file lock, the others read it (read-only)."""
     if worker_id == "master":  # one process, no workers
-        return _make_demo(tmp_path_factory.mktemp("demo"))
+        root = tmp_path_factory.mktemp("demo")
+        _make_demo(root)
+        return _demo(root)
     root = tmp_path_factory.getbasetemp().parent / "demo"  # the folder the workers share
     with FileLock(f"{root}.lock"):
         if not (root / "made").exists():
             shutil.rmtree(root, ignore_errors=True)
             _make_demo(root)
             (root / "made").touch()
-    return _demo_paths(root)
+    return _demo(root)
 
 
-def _demo_paths(root: Path) -> dict[str, Path]:
+def _demo(root: Path) -> dict[str, Path]:
+    """What ``_make_demo`` left in ``root``: its folders, the answer file and what make printed."""
+    from contracts import ANSWER_FILENAME
+
     paths = {name: root / name for name in ("data", "run", "model", "upload")}
-    stdout = (root / "stdout.txt").read_text() if (root / "stdout.txt").exists() else ""
-    return {**paths, "answer": root / "output" / "multiple-mitotic-figure-classification.json", "stdout": stdout}
+    return {**paths, "answer": root / "output" / ANSWER_FILENAME, "stdout": (root / "stdout.txt").read_text()}
 
 
-def _make_demo(root: Path) -> dict[str, Path]:
+def _make_demo(root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    paths = _demo_paths(root)
-    places = [f"PY={sys.executable}", f"DEMO={root}", f"MODEL={paths['model']}", f"UPLOAD={paths['upload']}"]
+    places = [f"PY={sys.executable}", f"DEMO={root}", f"MODEL={root / 'model'}", f"UPLOAD={root / 'upload'}"]
     command = ["make", "--no-print-directory", "-o", ".venv/.installed", "demo", *places]
     # every core, not a worker's share: most of the suite waits for this run, the other worker soon among them
-    env = {**os.environ, "OMP_NUM_THREADS": str(len(os.sched_getaffinity(0)))}
+    env = {**os.environ, "OMP_NUM_THREADS": str(CORES)}
     # a session of its own, so that a timeout kills the training make started, not only make
     with subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
@@ -166,7 +169,6 @@ def _make_demo(root: Path) -> dict[str, Path]:
     if make.returncode != 0:
         pytest.fail(f"make demo exited {make.returncode}:\n{stderr[-3000:]}")
     (root / "stdout.txt").write_text(stdout)
-    return _demo_paths(root)
 
 
 def red_mean_model(model_dir: Path, pixel_size_um: float | None = None) -> Path:

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Bring up what the container tests need, each step only when it is missing: Debian's docker.io and debootstrap,
-# a running dockerd, the test base image, and the image's dependency layers built on it. No registry is reachable from the test machines, so the CUDA base
-# cannot be pulled; a Debian bookworm root with python3 (debootstrap + docker import) stands in for it. It trusts
-# the host's CA bundle (PIP_CERT) so that pip reaches the package index from inside a build: test scaffolding,
-# not part of the Dockerfile.
+# a running dockerd, the test base image, and the image's dependency layers built on it. No registry is reachable
+# from the test machines, so the CUDA base cannot be pulled; a Debian bookworm root with python3 (debootstrap +
+# docker import) stands in for it. It trusts the host's CA bundle (PIP_CERT) so that pip reaches the package index
+# from inside a build: test scaffolding, not part of the Dockerfile.
 #   bash test/container/engine.sh                         (as root; .ci/run calls it)
 #   TEST_BASE_IMAGE=name bash test/container/engine.sh    another tag for the base (default midog25-test-base)
 set -euo pipefail

@@ -124,6 +124,16 @@ def pytest_xdist_make_scheduler(config, log):
     return EngineFirst(config, log)
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """A test that needs the Docker engine outside ``ENGINE_MODULES`` would build a second image on the other worker
+    (minutes): refused at collection, naming the test."""
+    strays = [i.nodeid for i in items if "engine" in i.fixturenames and i.nodeid.split("::")[0] not in ENGINE_MODULES]
+    if strays:
+        raise pytest.UsageError(
+            f"{', '.join(strays)} need the Docker engine: their place is {' or '.join(ENGINE_MODULES)}"
+        )
+
+
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory, worker_id) -> dict[str, Path]:
     """``make demo`` as the README gives it, into a scratch folder (this interpreter, the venv taken as installed):

@@ -233,6 +233,10 @@ def test_validate_every_k_epochs_and_always_the_last(small_data, tmp_path):
     assert all(float(r["train_loss"]) > 0 for r in rows)
     best = json.loads((tmp_path / "run" / "fold_0" / "best.json").read_text())
     assert best["epoch"] == 5 and str(best["roc_auc"]) == rows[-1]["roc_auc"]
+    # validation only reads the model: validated after the last epoch alone, the same weights and predictions
+    train_run(cfg.model_copy(update={"validate_every": 100}), [small_data], tmp_path / "last", folds=[0])
+    for name in ("adapter/adapter_model.safetensors", "val.csv"):
+        assert (tmp_path / "last" / "fold_0" / name).read_bytes() == (tmp_path / "run" / "fold_0" / name).read_bytes()
 
 
 def test_torchrun_ddp_takes_the_same_step_as_one_process(small_data, tmp_path):

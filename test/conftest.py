@@ -103,6 +103,10 @@ def model_dir(demo_run):
 ENGINE_MODULES = ("test/test_container.py", "test/test_end_to_end.py")
 
 
+def in_engine_module(nodeid: str) -> bool:
+    return nodeid.split("::")[0] in ENGINE_MODULES
+
+
 def pytest_xdist_make_scheduler(config, log):
     """How ``make test``'s workers (pytest-xdist, ``-n 2 --dist loadscope``) share the tests: a module at a time, so
     that a module's fixtures (trained runs) are made once, and the engine's modules as one unit, first: they are the
@@ -114,7 +118,7 @@ def pytest_xdist_make_scheduler(config, log):
 
     class EngineFirst(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "engine" if nodeid.split("::")[0] in ENGINE_MODULES else super()._split_scope(nodeid)
+            return "engine" if in_engine_module(nodeid) else super()._split_scope(nodeid)
 
         def _assign_work_unit(self, node) -> None:
             if "engine" in self.workqueue:
@@ -127,7 +131,7 @@ def pytest_xdist_make_scheduler(config, log):
 def pytest_collection_modifyitems(config, items) -> None:
     """A test that needs the Docker engine outside ``ENGINE_MODULES`` would build a second image on the other worker
     (minutes): refused at collection, naming the test."""
-    strays = [i.nodeid for i in items if "engine" in i.fixturenames and i.nodeid.split("::")[0] not in ENGINE_MODULES]
+    strays = [i.nodeid for i in items if "engine" in i.fixturenames and not in_engine_module(i.nodeid)]
     if strays:
         raise pytest.UsageError(
             f"{', '.join(strays)} need the Docker engine: their place is {' or '.join(ENGINE_MODULES)}"

@@ -50,7 +50,9 @@ def peer_folds(backbone: str, device: torch.device) -> list[PeftModel]:
 
     folds = []
     for fold in range(BENCH_FOLDS):
-        model = apply_lora(build_classifier(backbone, head_seed=fold), LoraSettings(**BENCH_LORA))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(fold)  # peft draws lora_A from the global RNG: the same folds, and parity, every run
+            model = apply_lora(build_classifier(backbone, head_seed=fold), LoraSettings(**BENCH_LORA))
         generator = torch.Generator().manual_seed(fold)
         with torch.no_grad():
             for name, param in model.named_parameters():

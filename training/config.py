@@ -62,8 +62,7 @@ class TrainConfig(Strict):
     standardize: Standardize = Field(
         "none",
         description="after the backbone's normalization: channels = each image's channels to mean 0, std 1; "
-        "channels+detail = and its detail band to one RMS; stains+detail = the same on each stain's optical density "
-        "(training.preprocess.Preprocess)",
+        "channels+detail = and its detail band to one RMS (training.preprocess.Preprocess)",
     )
     pixel_size_um: float | None = Field(
         None,

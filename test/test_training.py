@@ -223,22 +223,6 @@ def test_every_training_option_together(small_data, tmp_path):
     assert (tmp_path / "run" / "provenance.json").is_file()
 
 
-def test_the_early_steps_see_each_figure_smaller_and_the_later_steps_whole(small_data, tmp_path, monkeypatch):
-    sizes = []
-
-    def recorded(x):
-        sizes.append(tuple(x.shape[-2:]))
-        return x
-
-    monkeypatch.setattr(train_module, "network_input", recorded)
-    options = {"epochs": 2, "backbone": "efficientnetv2-b0-scratch", "mode": "full", "early_input_size": 64}
-    cfg = load_config(DEMO_CONFIG, {**options, "early_fraction": 0.5, "batch_size": 32})
-    train_run(cfg, [small_data], tmp_path / "run", folds=[0])  # 60 training figures: 2 steps an epoch, 4 in all
-    assert sizes == [(64, 64), (64, 64), (128, 128), (128, 128)]
-    with pytest.raises(ValueError, match="early_input_size needs a CNN backbone"):
-        load_config(DEMO_CONFIG, {"early_input_size": 64})  # the demo's ViT takes one input size
-
-
 def test_validate_every_k_epochs_and_always_the_last(small_data, tmp_path):
     cfg = load_config(DEMO_CONFIG, {"epochs": 5, "validate_every": 2, "selection": "last"})
     train_run(cfg, [small_data], tmp_path / "run", folds=[0])

@@ -70,14 +70,6 @@ class TrainConfig(Strict):
         description="train at this many micrometres per pixel: each figure resampled from its scanner's "
         "(training.data.SCANNER_PIXEL_SIZE_UM); the served model resamples each page from its recorded resolution",
     )
-    early_input_size: int | None = Field(
-        None,
-        ge=16,
-        description="progressive resizing, as EfficientNetV2 was trained: the first early_fraction of the steps see "
-        "each preprocessed figure downsampled to this many pixels a side, a cheaper step; the later steps, "
-        "validation and the exported graph the full input (CNN backbones only)",
-    )
-    early_fraction: float = Field(0.5, gt=0, lt=1, description="the share of the steps at early_input_size")
     validate_every: int = Field(1, ge=1, description="validate after every this many epochs and after the last")
     eval_batch_size: int = Field(64, ge=1)
     cpu_bf16: bool = Field(
@@ -114,12 +106,6 @@ class TrainConfig(Strict):
         if self.pooling is not None and (self.pooling != "avg") != tokens:
             kind = "a ViT's tokens" if tokens else "a CNN's feature map"
             raise ValueError(f"pooling {self.pooling!r} does not fit {self.backbone} ({kind})")
-        return self
-
-    @model_validator(mode="after")
-    def _early_input_size_for_a_cnn(self) -> TrainConfig:
-        if self.early_input_size is not None and backbone_spec(self.backbone).pooling != "avg":
-            raise ValueError(f"early_input_size needs a CNN backbone: {self.backbone} takes one input size")
         return self
 
     @field_validator("hold_out_scanners")

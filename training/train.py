@@ -109,7 +109,6 @@ class FoldTrainer:
         self.epochs = cfg.epochs or math.ceil(cfg.steps / self.steps_per_epoch)
         self.total_steps = self.epochs * self.steps_per_epoch
         self.warmup = int(cfg.warmup_fraction * self.total_steps)
-        self.early_steps = int(cfg.early_fraction * self.total_steps) if cfg.early_input_size else 0
         self.bf16 = autocast_bf16(device, cfg)
         self.state = {"epoch": 0, "best": {"balanced_accuracy": -1.0}, "best_state": None, "best_probs": None}
         self.state["log_rows"] = []
@@ -126,11 +125,7 @@ class FoldTrainer:
             idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             batch = augment_batch(torch.from_numpy(data.train_x[idx]), cfg, self.generator)
             targets = torch.from_numpy(data.train_y[idx])
-            x = self.preprocess(batch[workers.share()].to(self.device))
-            if step < self.early_steps:  # a coarser view of the same figure: the convolutions cost ~its pixels
-                size = (cfg.early_input_size, cfg.early_input_size)
-                x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-            x = network_input(x)
+            x = network_input(self.preprocess(batch[workers.share()].to(self.device)))
             y = targets[workers.share()].to(self.device)
             for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
                 group["lr"] = base_lr * lr_factor(step, self.total_steps, self.warmup)

@@ -3,14 +3,7 @@
 import numpy as np
 import torch
 
-from training.augment import (
-    augment_color,
-    augment_context_swap,
-    augment_d4,
-    augment_sharpness,
-    augment_shift_zoom,
-    augment_stain,
-)
+from training.augment import augment_color, augment_d4, augment_sharpness, augment_shift_zoom, augment_stain
 
 
 def test_d4_augmentation_only_moves_pixels():
@@ -66,15 +59,3 @@ def test_sharpness_jitter_spans_blurring_to_sharpening():
     x = batch[:1].float().permute(0, 3, 1, 2)
     expected = (x + k * (x - binomial_blur(x))).permute(0, 2, 3, 1).clamp(0, 255)
     torch.testing.assert_close(out[:1], expected)  # the first image, with the first draw of k
-
-
-def test_context_swap_keeps_the_cell_and_takes_the_surroundings_from_another_figure():
-    n = 16
-    batch = torch.arange(n, dtype=torch.float32).mul(10).view(n, 1, 1, 1).expand(n, 64, 64, 3).contiguous()
-    out = augment_context_swap(batch, 1.0, torch.Generator().manual_seed(0))
-    assert out.shape == batch.shape
-    np.testing.assert_allclose(out[:, 24:40, 24:40], batch[:, 24:40, 24:40])  # the centre (radius >= 19 px) kept
-    corners = out[:, 0, 0, 0] / 10  # each corner wholly one other figure's (or its own, where the draw was itself)
-    assert torch.equal(corners, corners.round()) and sorted(corners.long().tolist()) == list(range(n))
-    assert (corners != torch.arange(n)).sum() >= n // 2
-    assert torch.equal(augment_context_swap(batch, 0.0, torch.Generator().manual_seed(0)), batch)

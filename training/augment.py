@@ -18,11 +18,9 @@ HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
 
 
 def augment_batch(batch: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
-    """D4, surroundings, stain, colour, shift/zoom, sharpness: each where ``cfg`` turns it on."""
+    """D4, stain, colour, shift/zoom, sharpness: each where ``cfg`` turns it on."""
     if cfg.augment:
         batch = augment_d4(batch, generator)
-    if cfg.context_swap:
-        batch = augment_context_swap(batch, cfg.context_swap, generator)
     if cfg.stain_jitter:
         batch = augment_stain(batch, cfg.stain_jitter, generator)
     if cfg.color_jitter:
@@ -41,22 +39,6 @@ def augment_d4(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         img = torch.rot90(img, int(turns), dims=(0, 1))
         out.append(img.flip(1) if flip % 2 else img)
     return torch.stack(out)
-
-
-def augment_context_swap(batch: torch.Tensor, share: float, generator: torch.Generator) -> torch.Tensor:
-    """For ``share`` of the figures, everything outside a centred disc (radius 30-45% of the crop, its edge
-    feathered over 8 px) comes from another figure of the batch; the label stays the centre's. The tissue around
-    a figure is what a lab shares across its figures: swapped, it tells the network nothing about the class, so it
-    has to judge the cell."""
-    x = batch.float()
-    n, h, w, _ = x.shape
-    partner = torch.randperm(n, generator=generator)
-    swapped = torch.rand(n, generator=generator) < share
-    radius = (0.30 + 0.15 * torch.rand(n, generator=generator)) * min(h, w)
-    dy, dx = torch.meshgrid(torch.arange(h) - (h - 1) / 2, torch.arange(w) - (w - 1) / 2, indexing="ij")
-    inside = ((radius[:, None, None] - torch.hypot(dy, dx)) / 8 + 0.5).clamp(0, 1)  # 1 inside .. 0 outside
-    keep = torch.where(swapped[:, None, None], inside, torch.ones_like(inside))[..., None]
-    return keep * x + (1 - keep) * x[partner]
 
 
 def rescale_stains(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor | float = 0.0) -> torch.Tensor:

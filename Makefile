@@ -33,8 +33,7 @@ lint: $(INSTALLED)
 	$(PY) -m ruff format --check .
 	$(VENV)/bin/lint-imports
 
-# two workers (pytest-xdist), a module at a time: the Docker engine's modules on one of them, first, then the modules
-# that need no demo run, then those that do (test/conftest.py):
+# two workers (pytest-xdist), a module at a time, the Docker engine's modules on one of them (test/conftest.py):
 # the suite mostly waits on single processes (training, make demo, docker builds). The slowest 30 printed: the
 # suite has a 12-minute budget (docs/benchmarks.md)
 TEST_WORKERS ?= 2

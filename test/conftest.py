@@ -101,58 +101,41 @@ def model_dir(demo_run):
 
 # the modules whose tests need the Docker engine (test/engine_fixtures.py): one worker takes them all, first
 ENGINE_MODULES = ("test/test_container.py", "test/test_end_to_end.py")
-# the other modules with a test that needs ``make demo`` (the ``demo_run`` fixture): queued after those that need none,
-# so that the other worker has work while the engine's worker makes the demo run (minutes) instead of waiting on it
-DEMO_MODULES = (
-    "test/test_export.py",
-    "test/test_external.py",
-    "test/test_pages.py",
-    "test/test_process.py",
-    "test/test_process_failures.py",
-    "test/test_upload.py",
-)
 
 
-def module_of(nodeid: str) -> str:
-    return nodeid.split("::")[0]
+def in_engine_module(nodeid: str) -> bool:
+    return nodeid.split("::")[0] in ENGINE_MODULES
 
 
 def pytest_xdist_make_scheduler(config, log):
     """How ``make test``'s workers (pytest-xdist, ``-n 2 --dist loadscope``) share the tests: a module at a time, so
-    that a module's fixtures (trained runs) are made once; the engine's modules as one unit, first: they are the
+    that a module's fixtures (trained runs) are made once, and the engine's modules as one unit, first: they are the
     longest chain (make demo, the image build, export.sh, each container run), and one worker builds the session's
-    image once; then the modules that need no demo run, then ``DEMO_MODULES``: by the time the other worker reaches
-    them, the demo run is made. Within each group, larger modules first (xdist's own order)."""
+    image once."""
     if config.getvalue("dist") != "loadscope":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    def rank(scope: str) -> int:
-        return 0 if scope == "engine" else 2 if module_of(scope) in DEMO_MODULES else 1
-
-    class EngineThenNoDemoFirst(LoadScopeScheduling):
+    class EngineFirst(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "engine" if module_of(nodeid) in ENGINE_MODULES else super()._split_scope(nodeid)
+            return "engine" if in_engine_module(nodeid) else super()._split_scope(nodeid)
 
         def _assign_work_unit(self, node) -> None:
-            for scope in sorted(self.workqueue, key=rank):  # stable: xdist's order within a group
-                self.workqueue.move_to_end(scope)
+            if "engine" in self.workqueue:
+                self.workqueue.move_to_end("engine", last=False)
             super()._assign_work_unit(node)
 
-    return EngineThenNoDemoFirst(config, log)
+    return EngineFirst(config, log)
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """The scheduler's two lists, checked against the tests' fixtures at collection (the controller, which orders the
-    work, sees node ids only): a test that needs the Docker engine outside ``ENGINE_MODULES`` would build a second
-    image on the other worker (minutes); one that needs the demo run outside ``ENGINE_MODULES`` + ``DEMO_MODULES``
-    would make the other worker wait for it early on. Either is refused, naming the tests."""
-    for fixture, home in (("engine", ENGINE_MODULES), ("demo_run", ENGINE_MODULES + DEMO_MODULES)):
-        strays = [i.nodeid for i in items if fixture in i.fixturenames and module_of(i.nodeid) not in home]
-        if strays:
-            raise pytest.UsageError(
-                f"{', '.join(strays)} need the {fixture} fixture: their place is {' or '.join(home)}"
-            )
+    """A test that needs the Docker engine outside ``ENGINE_MODULES`` would build a second image on the other worker
+    (minutes): refused at collection, naming the test."""
+    strays = [i.nodeid for i in items if "engine" in i.fixturenames and not in_engine_module(i.nodeid)]
+    if strays:
+        raise pytest.UsageError(
+            f"{', '.join(strays)} need the Docker engine: their place is {' or '.join(ENGINE_MODULES)}"
+        )
 
 
 @pytest.fixture(scope="session")

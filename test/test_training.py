@@ -368,7 +368,7 @@ def test_the_figure_mask_is_the_dense_region_at_the_centre_not_a_denser_one_else
 
 
 def test_the_auxiliary_mask_target_trains_and_leaves_the_exported_model_as_without(small_data, tmp_path):
-    options = {"epochs": 1, "backbone": "efficientnetv2-b0-scratch", "mode": "full", "aux_mask": 1.0}
+    options = {"epochs": 1, "backbone": "efficientnetv2-b0-scratch", "mode": "full", "aux_mask": 1.0, "cpu_bf16": True}
     summary = train_run(load_config(DEMO_CONFIG, options), [small_data], tmp_path / "run")
     assert 0 <= summary["threshold"] <= 1
     manifest = export_run([tmp_path / "run"], tmp_path / "model")

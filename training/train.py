@@ -128,6 +128,7 @@ class FoldTrainer:
             with torch.no_grad():
                 classifier.eval()(torch.zeros(1, 3, 64, 64, device=device))
             self.aux = nn.Conv2d(self.aux_features.shape[1], 1, 1).to(device)
+            self.aux_stride = 64 // self.aux_features.shape[-1]
             groups.append({"params": list(self.aux.parameters()), "lr": cfg.head_lr})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
@@ -160,12 +161,13 @@ class FoldTrainer:
             y = targets[workers.share()].to(self.device)
             for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
                 group["lr"] = base_lr * lr_factor(step, self.total_steps, self.warmup)
+            if self.aux is not None:  # in fp32, outside autocast: one cell per feature of the stage
+                mask = figure_mask(batch[workers.share()], x.shape[-1] // self.aux_stride)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 loss = F.binary_cross_entropy_with_logits(self.network(x).float(), y, pos_weight=self.pos_weight)
                 if self.aux is not None:
                     logits = self.aux(self.aux_features).float()[:, 0]
-                    target = figure_mask(batch[workers.share()], logits.shape[-1]).to(self.device)
-                    loss = loss + cfg.aux_mask * F.binary_cross_entropy_with_logits(logits, target)
+                    loss = loss + cfg.aux_mask * F.binary_cross_entropy_with_logits(logits, mask.to(self.device))
             # DDP averages gradients over processes; weighting each share by its size makes that the whole
             # batch's mean even when the batch does not split evenly (the factor is exactly 1 for one process)
             loss = loss * (len(y) * workers.world / len(idx))

@@ -375,3 +375,24 @@ def test_the_auxiliary_mask_target_trains_and_leaves_the_exported_model_as_witho
     assert manifest.members[0].training_config["aux_mask"] == 1.0
     with pytest.raises(ValueError, match="aux_mask reads the stages of an EfficientNet"):
         load_config(DEMO_CONFIG, {"aux_mask": 1.0})
+
+
+def test_stochastic_depth_skips_blocks_in_training_only():
+    from training.model import build_classifier
+    from training.train import add_stochastic_depth
+
+    plain = build_classifier("efficientnetv2-b0-scratch").eval()
+    dropped = build_classifier("efficientnetv2-b0-scratch")
+    add_stochastic_depth(dropped.backbone, 0.5)
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(dropped.eval()(x), plain(x))  # eval mode: the very same network
+        dropped.train()
+        torch.manual_seed(0)
+        first = dropped(x)
+        torch.manual_seed(1)
+        assert not torch.allclose(first, dropped(x))  # training: other blocks skipped under another seed
+    rates = [getattr(b.drop_path, "drop_prob", 0.0) for stage in dropped.backbone.blocks for b in stage]
+    assert rates[0] == 0.0 and rates == sorted(rates) and 0.45 < rates[-1] < 0.5  # growing with depth, up to 0.5
+    with pytest.raises(ValueError, match="drop_path skips the blocks of an EfficientNet"):
+        load_config(DEMO_CONFIG, {"drop_path": 0.2})

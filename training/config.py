@@ -84,6 +84,14 @@ class TrainConfig(Strict):
         description="weight of an auxiliary target during training: the figure's chromatin mask predicted from the "
         "backbone's stride-16 features (training.train.figure_mask); 0 = off; nothing of it is exported",
     )
+    drop_path: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="stochastic depth while training: the residual blocks of an EfficientNet skipped with "
+        "probability up to this, growing with depth (training.train.add_stochastic_depth); 0 = off; the exported "
+        "graph has none",
+    )
     grad_checkpointing: bool = Field(False, description="on CUDA: recompute activations, trading time for memory")
     hold_out_scanners: list[str] = Field(
         [], description="figures of these scanners are left out of every fold: a later test on scanners never seen"
@@ -119,6 +127,8 @@ class TrainConfig(Strict):
     def _aux_mask_needs_stages_of_a_cnn(self) -> TrainConfig:
         if self.aux_mask and not self.backbone.startswith("efficientnet"):
             raise ValueError(f"aux_mask reads the stages of an EfficientNet; {self.backbone} has none")
+        if self.drop_path and not self.backbone.startswith("efficientnet"):
+            raise ValueError(f"drop_path skips the blocks of an EfficientNet; {self.backbone} has none")
         return self
 
     @field_validator("hold_out_scanners")

@@ -10,7 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from training.config import TrainConfig
-from training.preprocess import HED_FROM_RGB, RGB_FROM_HED, binomial_blur
+from training.preprocess import binomial_blur
+
+# Ruifrok & Johnston's stain vectors (rows: hematoxylin, eosin, DAB) for H&E colour deconvolution
+RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
 
 
 def augment_batch(batch: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:

@@ -62,8 +62,7 @@ class TrainConfig(Strict):
     standardize: Standardize = Field(
         "none",
         description="after the backbone's normalization: channels = each image's channels to mean 0, std 1; "
-        "channels+detail = and its detail band to one RMS; stains+detail = the same on each stain's optical density "
-        "(training.preprocess.Preprocess)",
+        "channels+detail = and its detail band to one RMS (training.preprocess.Preprocess)",
     )
     pixel_size_um: float | None = Field(
         None,
@@ -77,12 +76,6 @@ class TrainConfig(Strict):
         False,
         description="training steps under bf16 autocast on a CPU too (always on CUDA), where the CPU runs bf16 "
         "natively (AMX or AVX512-BF16); fp32 elsewhere, where emulated bf16 is slower (training.train.autocast_bf16)",
-    )
-    aux_mask: float = Field(
-        0.0,
-        ge=0,
-        description="weight of an auxiliary target during training: the figure's chromatin mask predicted from the "
-        "backbone's stride-16 features (training.train.figure_mask); 0 = off; nothing of it is exported",
     )
     drop_path: float = Field(
         0.0,
@@ -124,9 +117,7 @@ class TrainConfig(Strict):
         return self
 
     @model_validator(mode="after")
-    def _aux_mask_needs_stages_of_a_cnn(self) -> TrainConfig:
-        if self.aux_mask and not self.backbone.startswith("efficientnet"):
-            raise ValueError(f"aux_mask reads the stages of an EfficientNet; {self.backbone} has none")
+    def _drop_path_needs_blocks_of_a_cnn(self) -> TrainConfig:
         if self.drop_path and not self.backbone.startswith("efficientnet"):
             raise ValueError(f"drop_path skips the blocks of an EfficientNet; {self.backbone} has none")
         return self

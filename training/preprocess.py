@@ -15,15 +15,12 @@ import torch.nn.functional as F
 from timm.data import resolve_data_config
 from torch import nn
 
-Standardize = Literal["none", "channels", "channels+detail", "stains+detail"]
+Standardize = Literal["none", "channels", "channels+detail"]
 _TORCH_MODES = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest"}
 BINOMIAL_5 = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16  # a Gaussian of sigma ~1 px, normalized
 # The detail band's RMS that "channels+detail" gives every figure: the breast subset's scanners have 0.13-0.20
 # after channel standardization, 0.17 over all its figures (docs/results.md).
 DETAIL_RMS = 0.17
-# Ruifrok & Johnston's stain vectors (rows: hematoxylin, eosin, DAB) for H&E colour deconvolution
-RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
-HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
 
 
 class Preprocess(nn.Module):
@@ -33,9 +30,7 @@ class Preprocess(nn.Module):
     - ``channels``: each image's channels to mean 0 and std 1 (what scanners and labs differ in as a gain and an
       offset per channel never reaches the network; for models trained from scratch);
     - ``channels+detail``: and each image's detail band (what a 5x5 binomial blur removes) to RMS ``DETAIL_RMS``
-      (scanners differ most in sharpness, which scales this band);
-    - ``stains+detail``: as ``channels+detail``, on ``stain_densities`` instead of the normalized RGB (each stain's
-      amount per image, what labs differ in when they stain, standardized away; the mean and std unused).
+      (scanners differ most in sharpness, which scales this band).
 
     The standardization runs in fp32, also under autocast.
     """
@@ -79,40 +74,27 @@ class Preprocess(nn.Module):
         return x * self.scale + self.shift
 
     def standardized(self, x: torch.Tensor) -> torch.Tensor:
-        """float [N, 3, S, S] in [0, 255] -> the backbone's input."""
         if self.standardize == "none":
-            return self.normalize(x)
+            return x
         if torch.is_autocast_enabled(x.device.type):  # image statistics in fp32, also under bf16 training
             with torch.autocast(x.device.type, enabled=False):
                 return self.standardized(x.float())
-        x = stain_densities(x) if self.standardize == "stains+detail" else self.normalize(x)
         # channels-last, the layout the convolutions take: per-image sums follow memory order, and one layout
         # gives training, validation and the exported graph the same bits
         x = standardize_channels(x.contiguous(memory_format=torch.channels_last))
-        return equalize_detail(x) if self.standardize.endswith("+detail") else x
+        return equalize_detail(x) if self.standardize == "channels+detail" else x
 
     def forward(self, pixels: torch.Tensor, after_resize: Callable[[torch.Tensor], torch.Tensor] | None = None):
         """``after_resize``: a change made to the resized image, float [N, 3, S, S] in [0, 255], before the
         normalization (the lab's blur study; the exported graph has none)."""
         x = self.resize(pixels.permute(0, 3, 1, 2).float())
-        return self.standardized(x if after_resize is None else after_resize(x))
+        return self.standardized(self.normalize(x if after_resize is None else after_resize(x)))
 
 
 def binomial_blur(x: torch.Tensor) -> torch.Tensor:
     """float [N, C, H, W] smoothed by the 5x5 binomial kernel, borders reflected."""
     kernel = (BINOMIAL_5[:, None] * BINOMIAL_5[None, :]).to(x).expand(x.shape[1], 1, 5, 5)
     return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), kernel, groups=x.shape[1])
-
-
-def stain_densities(x: torch.Tensor) -> torch.Tensor:
-    """float RGB [N, 3, H, W] in [0, 255] -> [N, 3, H, W]: the hematoxylin and eosin optical densities (colour
-    deconvolution with ``HED_FROM_RGB``) and the total optical density, each times 10: an image's eosin density
-    can vary by as little as 0.003 (variance), where ``standardize_channels``' 1e-4 floor would bias it. The DAB
-    channel is left out: on H&E it holds only what the two stains' vectors miss, which per-image standardization
-    would amplify to noise."""
-    od = -10 * torch.log((x + 1) / 256)
-    he = F.conv2d(od, HED_FROM_RGB[:, :2].T.reshape(2, 3, 1, 1).to(od))
-    return torch.cat([he, od.sum(dim=1, keepdim=True)], dim=1)
 
 
 def standardize_channels(x: torch.Tensor) -> torch.Tensor:

@@ -352,24 +352,3 @@ def test_a_linear_probe_trains_on_embeddings_of_its_own_and_leaves_the_fold_data
     )
     assert data.train_x.shape == before.shape and np.array_equal(data.train_x, before)
     assert [n for n, _ in trainer.model.named_parameters()] == ["atypia_head.weight", "atypia_head.bias"]
-
-
-def test_stochastic_depth_skips_blocks_in_training_only():
-    from training.model import build_classifier
-    from training.train import add_stochastic_depth
-
-    plain = build_classifier("efficientnetv2-b0-scratch").eval()
-    dropped = build_classifier("efficientnetv2-b0-scratch")
-    add_stochastic_depth(dropped.backbone, 0.5)
-    x = torch.randn(4, 3, 64, 64)
-    with torch.no_grad():
-        assert torch.equal(dropped.eval()(x), plain(x))  # eval mode: the very same network
-        dropped.train()
-        torch.manual_seed(0)
-        first = dropped(x)
-        torch.manual_seed(1)
-        assert not torch.allclose(first, dropped(x))  # training: other blocks skipped under another seed
-    rates = [getattr(b.drop_path, "drop_prob", 0.0) for stage in dropped.backbone.blocks for b in stage]
-    assert rates[0] == 0.0 and rates == sorted(rates) and 0.45 < rates[-1] < 0.5  # growing with depth, up to 0.5
-    with pytest.raises(ValueError, match="drop_path skips the blocks of an EfficientNet"):
-        load_config(DEMO_CONFIG, {"drop_path": 0.2})

@@ -77,14 +77,6 @@ class TrainConfig(Strict):
         description="training steps under bf16 autocast on a CPU too (always on CUDA), where the CPU runs bf16 "
         "natively (AMX or AVX512-BF16); fp32 elsewhere, where emulated bf16 is slower (training.train.autocast_bf16)",
     )
-    drop_path: float = Field(
-        0.0,
-        ge=0,
-        lt=1,
-        description="stochastic depth while training: the residual blocks of an EfficientNet skipped with "
-        "probability up to this, growing with depth (training.train.add_stochastic_depth); 0 = off; the exported "
-        "graph has none",
-    )
     grad_checkpointing: bool = Field(False, description="on CUDA: recompute activations, trading time for memory")
     hold_out_scanners: list[str] = Field(
         [], description="figures of these scanners are left out of every fold: a later test on scanners never seen"
@@ -114,12 +106,6 @@ class TrainConfig(Strict):
         if self.pooling is not None and (self.pooling != "avg") != tokens:
             kind = "a ViT's tokens" if tokens else "a CNN's feature map"
             raise ValueError(f"pooling {self.pooling!r} does not fit {self.backbone} ({kind})")
-        return self
-
-    @model_validator(mode="after")
-    def _drop_path_needs_blocks_of_a_cnn(self) -> TrainConfig:
-        if self.drop_path and not self.backbone.startswith("efficientnet"):
-            raise ValueError(f"drop_path skips the blocks of an EfficientNet; {self.backbone} has none")
         return self
 
     @field_validator("hold_out_scanners")

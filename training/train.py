@@ -18,8 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -68,15 +66,6 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def add_stochastic_depth(backbone: nn.Module, rate: float) -> None:
-    """Stochastic depth on a timm EfficientNet, in place: block i of n (over all stages) skips its residual branch
-    with probability ``rate * i / n`` per figure while training, timm's own schedule for ``drop_path_rate``; eval
-    mode, and so validation and the exported graph, are unchanged."""
-    blocks = [block for stage in backbone.blocks for block in stage]
-    for i, block in enumerate(blocks):
-        block.drop_path = DropPath(rate * i / len(blocks)) if i else nn.Identity()
-
-
 class FoldTrainer:
     """One fold's model, optimizer and state; ``run()`` trains it from its checkpoint (if any) to the end.
 
@@ -95,8 +84,6 @@ class FoldTrainer:
         self.generator = torch.Generator().manual_seed(cfg.seed + fold)
         model = build_fold_model(spec, head_seed=cfg.seed + fold).to(device, memory_format=torch.channels_last)
         classifier = classifier_of(model)
-        if cfg.drop_path:
-            add_stochastic_depth(classifier.backbone, cfg.drop_path)
         self.preprocess = preprocess_for(spec, classifier).to(device)
         if spec.mode == "linear":  # the backbone frozen, the inputs unaugmented: embed once, train the head only
             embedded = [

@@ -13,7 +13,7 @@ from training.config import load_config
 from training.data import read_midog25
 from training.export import export_run
 from training.synthetic import write_midog25
-from training.train import FoldTrainer, figure_mask, train_run
+from training.train import FoldTrainer, train_run
 
 
 @pytest.fixture(scope="module")
@@ -352,26 +352,3 @@ def test_a_linear_probe_trains_on_embeddings_of_its_own_and_leaves_the_fold_data
     )
     assert data.train_x.shape == before.shape and np.array_equal(data.train_x, before)
     assert [n for n, _ in trainer.model.named_parameters()] == ["atypia_head.weight", "atypia_head.bias"]
-
-
-def test_the_figure_mask_is_the_dense_region_at_the_centre_not_a_denser_one_elsewhere():
-    yy, xx = np.mgrid[:64, :64]
-    image = np.full((64, 64, 3), 230.0)
-    image[(yy - 32) ** 2 + (xx - 30) ** 2 < 8**2] = (60, 40, 110)  # the figure: dark, blue (hematoxylin)
-    image[(yy - 6) ** 2 + (xx - 6) ** 2 < 5**2] = (20, 10, 60)  # denser, but in a corner
-    batch = torch.from_numpy(np.stack([image, np.full((64, 64, 3), 230.0)]))
-    masks = figure_mask(batch, 16).numpy()
-    assert masks.shape == (2, 16, 16)
-    assert masks[0, 8, 7] == 1.0 and masks[0, 1, 1] == 0.0  # the centre's region, not the corner's
-    assert 0.04 < masks[0].mean() < 0.07  # the disc's area (pi 8^2 / 64^2 = 0.049), to a 4-pixel cell
-    assert masks[1].sum() == 0  # nothing dense: no region
-
-
-def test_the_auxiliary_mask_target_trains_and_leaves_the_exported_model_as_without(small_data, tmp_path):
-    options = {"epochs": 1, "backbone": "efficientnetv2-b0-scratch", "mode": "full", "aux_mask": 1.0, "cpu_bf16": True}
-    summary = train_run(load_config(DEMO_CONFIG, options), [small_data], tmp_path / "run")
-    assert 0 <= summary["threshold"] <= 1
-    manifest = export_run([tmp_path / "run"], tmp_path / "model")
-    assert manifest.members[0].training_config["aux_mask"] == 1.0
-    with pytest.raises(ValueError, match="aux_mask reads the stages of an EfficientNet"):
-        load_config(DEMO_CONFIG, {"aux_mask": 1.0})

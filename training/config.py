@@ -77,12 +77,6 @@ class TrainConfig(Strict):
         description="training steps under bf16 autocast on a CPU too (always on CUDA), where the CPU runs bf16 "
         "natively (AMX or AVX512-BF16); fp32 elsewhere, where emulated bf16 is slower (training.train.autocast_bf16)",
     )
-    aux_mask: float = Field(
-        0.0,
-        ge=0,
-        description="weight of an auxiliary target during training: the figure's chromatin mask predicted from the "
-        "backbone's stride-16 features (training.train.figure_mask); 0 = off; nothing of it is exported",
-    )
     grad_checkpointing: bool = Field(False, description="on CUDA: recompute activations, trading time for memory")
     hold_out_scanners: list[str] = Field(
         [], description="figures of these scanners are left out of every fold: a later test on scanners never seen"
@@ -112,12 +106,6 @@ class TrainConfig(Strict):
         if self.pooling is not None and (self.pooling != "avg") != tokens:
             kind = "a ViT's tokens" if tokens else "a CNN's feature map"
             raise ValueError(f"pooling {self.pooling!r} does not fit {self.backbone} ({kind})")
-        return self
-
-    @model_validator(mode="after")
-    def _aux_mask_needs_stages_of_a_cnn(self) -> TrainConfig:
-        if self.aux_mask and not self.backbone.startswith("efficientnet"):
-            raise ValueError(f"aux_mask reads the stages of an EfficientNet; {self.backbone} has none")
         return self
 
     @field_validator("hold_out_scanners")

@@ -18,8 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -33,7 +31,7 @@ from training.adapt import (
     restore_learned_state,
     save_fold_model,
 )
-from training.augment import HED_FROM_RGB, augment_batch
+from training.augment import augment_batch
 from training.config import TrainConfig, load_run_config, save_config
 from training.data import on_scanners, read_datasets
 from training.metrics import pool_out_of_fold, summarize, write_rows
@@ -68,26 +66,6 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def figure_mask(batch: torch.Tensor, size: int) -> torch.Tensor:
-    """The figure's chromatin as a soft mask [N, size, size] in [0, 1], the target of ``aux_mask``: hematoxylin
-    density (Ruifrok & Johnston's colour deconvolution) averaged over 4x4-pixel cells, the cells above the image's
-    mean + 1 standard deviation, of those the connected region holding the densest cell of the crop's central
-    third (all zero where none is), then the share of each of size x size cells that region covers.
-    ``batch``: [N, H, W, 3] in [0, 255], H and W multiples of 4."""
-    od = -torch.log((batch.float() + 1) / 256)
-    cells = F.avg_pool2d((od @ HED_FROM_RGB)[..., 0][:, None], 4)[:, 0].numpy()
-    masks = np.zeros_like(cells)
-    lo, hi = cells.shape[1] // 3, cells.shape[1] - cells.shape[1] // 3
-    for mask, density in zip(masks, cells, strict=True):
-        dense = density > density.mean() + density.std()
-        regions, _ = ndimage.label(dense)
-        centre = np.where(dense[lo:hi, lo:hi], density[lo:hi, lo:hi], -np.inf)
-        row, col = np.unravel_index(np.argmax(centre), centre.shape)
-        if region := regions[lo + row, lo + col]:
-            mask[regions == region] = 1.0
-    return F.adaptive_avg_pool2d(torch.from_numpy(masks)[:, None], size)[:, 0]
-
-
 class FoldTrainer:
     """One fold's model, optimizer and state; ``run()`` trains it from its checkpoint (if any) to the end.
 
@@ -120,17 +98,7 @@ class FoldTrainer:
                 model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
             ids = None if device.index is None else [device.index]
             self.network = DistributedDataParallel(model, device_ids=ids)
-        groups = param_groups(model, cfg.lr, cfg.head_lr)
-        self.aux = None
-        if cfg.aux_mask:  # a 1x1 convolution on the stage before the last: logits of figure_mask's cells
-            stage = classifier.backbone.blocks[-2]
-            stage.register_forward_hook(lambda module, inputs, output: setattr(self, "aux_features", output))
-            with torch.no_grad():
-                classifier.eval()(torch.zeros(1, 3, 64, 64, device=device))
-            self.aux = nn.Conv2d(self.aux_features.shape[1], 1, 1).to(device)
-            self.aux_stride = 64 // self.aux_features.shape[-1]
-            groups.append({"params": list(self.aux.parameters()), "lr": cfg.head_lr})
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.head_lr), weight_decay=cfg.weight_decay)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         if cfg.grad_checkpointing and device.type == "cuda":
             classifier.backbone.set_grad_checkpointing(True)
@@ -161,13 +129,8 @@ class FoldTrainer:
             y = targets[workers.share()].to(self.device)
             for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
                 group["lr"] = base_lr * lr_factor(step, self.total_steps, self.warmup)
-            if self.aux is not None:  # in fp32, outside autocast: one cell per feature of the stage
-                mask = figure_mask(batch[workers.share()], x.shape[-1] // self.aux_stride)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 loss = F.binary_cross_entropy_with_logits(self.network(x).float(), y, pos_weight=self.pos_weight)
-                if self.aux is not None:
-                    logits = self.aux(self.aux_features).float()[:, 0]
-                    loss = loss + cfg.aux_mask * F.binary_cross_entropy_with_logits(logits, mask.to(self.device))
             # DDP averages gradients over processes; weighting each share by its size makes that the whole
             # batch's mean even when the batch does not split evenly (the factor is exactly 1 for one process)
             loss = loss * (len(y) * workers.world / len(idx))
@@ -202,8 +165,6 @@ class FoldTrainer:
             return
         state = torch.load(self.folder.checkpoint, map_location="cpu", weights_only=False)
         restore_learned_state(self.model, state.pop("model"))
-        if self.aux is not None:
-            self.aux.load_state_dict(state.pop("aux"))
         self.optimizer.load_state_dict(state.pop("optimizer"))
         torch.set_rng_state(state.pop("torch_rng"))
         if torch.cuda.is_available():
@@ -219,8 +180,6 @@ class FoldTrainer:
             rng["cuda_rng"] = torch.cuda.get_rng_state_all()
         checkpoint = {**self.state, "model": learned_state(self.model, self.spec.mode), **rng}
         checkpoint["optimizer"] = self.optimizer.state_dict()
-        if self.aux is not None:
-            checkpoint["aux"] = self.aux.state_dict()
         tmp = self.folder.checkpoint.with_suffix(".tmp")
         torch.save(checkpoint, tmp)
         os.replace(tmp, self.folder.checkpoint)

@@ -3,7 +3,14 @@
 import numpy as np
 import torch
 
-from training.augment import augment_color, augment_d4, augment_sharpness, augment_shift_zoom, augment_stain
+from training.augment import (
+    augment_color,
+    augment_d4,
+    augment_grayscale,
+    augment_sharpness,
+    augment_shift_zoom,
+    augment_stain,
+)
 
 
 def test_d4_augmentation_only_moves_pixels():
@@ -33,6 +40,17 @@ def test_color_jitter_is_identity_at_zero_bounded_and_leaves_gray_gray():
     torch.testing.assert_close(out[..., 0], out[..., 2])  # saturation scales colour, and gray has none
     means = out.mean(dim=(1, 2, 3)) / gray.float().mean(dim=(1, 2, 3))
     assert means.min() >= 0.8 - 1e-4 and means.max() <= 1.2 + 1e-4 and means.std() > 0.01  # brightness per image
+
+
+def test_grayscale_turns_about_its_share_to_luminance_and_leaves_the_rest():
+    batch = torch.randint(0, 256, (400, 4, 4, 3), dtype=torch.uint8)
+    out = augment_grayscale(batch, 0.25, torch.Generator().manual_seed(0))
+    gray = (out[..., 0] == out[..., 1]).all(dim=(1, 2)) & (out[..., 1] == out[..., 2]).all(dim=(1, 2))
+    assert 70 < int(gray.sum()) < 130
+    torch.testing.assert_close(out[~gray], batch[~gray].float())
+    luminance = batch[gray].float() @ torch.tensor([0.299, 0.587, 0.114])
+    torch.testing.assert_close(out[gray][..., 0], luminance)
+    torch.testing.assert_close(augment_grayscale(batch, 0.0, torch.Generator().manual_seed(0)), batch.float())
 
 
 def test_shift_zoom():

@@ -18,13 +18,15 @@ HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
 
 
 def augment_batch(batch: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
-    """D4, stain, colour, shift/zoom, sharpness: each where ``cfg`` turns it on."""
+    """D4, stain, colour, gray, shift/zoom, sharpness: each where ``cfg`` turns it on."""
     if cfg.augment:
         batch = augment_d4(batch, generator)
     if cfg.stain_jitter:
         batch = augment_stain(batch, cfg.stain_jitter, generator)
     if cfg.color_jitter:
         batch = augment_color(batch, cfg.color_jitter, generator)
+    if cfg.grayscale:
+        batch = augment_grayscale(batch, cfg.grayscale, generator)
     if cfg.shift_scale:
         batch = augment_shift_zoom(batch, cfg.shift_scale, generator)
     if cfg.sharpness_jitter:
@@ -69,6 +71,15 @@ def augment_color(batch: torch.Tensor, strength: float, generator: torch.Generat
     gray = x @ torch.tensor([0.299, 0.587, 0.114])
     x = gray[..., None] + (x - gray[..., None]) * saturation
     return x.clamp(0, 255)
+
+
+def augment_grayscale(batch: torch.Tensor, share: float, generator: torch.Generator) -> torch.Tensor:
+    """Each image turned to its luminance (ITU-R 601 weights) in all three channels with probability ``share``: a
+    lab's hue differs, a figure's chromatin shape does not."""
+    x = batch.float()
+    gray = (x @ torch.tensor([0.299, 0.587, 0.114]))[..., None].expand_as(x)
+    chosen = (torch.rand(len(x), generator=generator) < share)[:, None, None, None]
+    return torch.where(chosen, gray, x)
 
 
 def augment_shift_zoom(batch: torch.Tensor, shift_scale: float, generator: torch.Generator) -> torch.Tensor:

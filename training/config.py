@@ -54,6 +54,7 @@ class TrainConfig(Strict):
     stain_jitter: float = Field(0.0, ge=0, lt=1, description="HED stain jitter strength (0 = off), for scanner shift")
     sharpness_jitter: float = Field(0.0, ge=0, le=2, description="blur (k < 0) or sharpen (k > 0) by |k| <= this")
     color_jitter: float = Field(0.0, ge=0, lt=1, description="brightness, contrast, saturation jitter (0 = off)")
+    grayscale: float = Field(0.0, ge=0, le=1, description="share of training figures turned to gray (shape, not hue)")
     tta: bool = Field(
         False,
         description="D4 test-time augmentation: the fold's final validation predictions and the exported graph "
@@ -115,11 +116,20 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _linear_probe_is_unaugmented(self) -> TrainConfig:
-        augmented = self.augment or self.stain_jitter or self.color_jitter or self.sharpness_jitter or self.shift_scale
+        augmented = any(
+            (
+                self.augment,
+                self.stain_jitter,
+                self.color_jitter,
+                self.grayscale,
+                self.sharpness_jitter,
+                self.shift_scale,
+            )
+        )
         if self.mode == "linear" and (augmented or self.tta):
             raise ValueError(
                 "mode linear embeds each figure once: set augment and tta false and stain_jitter, color_jitter, "
-                "sharpness_jitter, shift_scale 0"
+                "grayscale, sharpness_jitter, shift_scale 0"
             )
         return self
 

@@ -214,6 +214,7 @@ def test_every_training_option_together(small_data, tmp_path):
         "sharpness_jitter": 0.5,
         "stain_jitter": 0.05,
         "color_jitter": 0.1,
+        "grayscale": 0.2,
         "split": "random",
         "cpu_bf16": True,
         "standardize": "channels",

@@ -15,6 +15,7 @@ from training.preprocess import binomial_blur
 # Ruifrok & Johnston's stain vectors (rows: hematoxylin, eosin, DAB) for H&E colour deconvolution
 RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
 HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
+LUMA_601 = torch.tensor([0.299, 0.587, 0.114])  # ITU-R BT.601 luminance weights of R, G, B
 
 
 def augment_batch(batch: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
@@ -68,16 +69,16 @@ def augment_color(batch: torch.Tensor, strength: float, generator: torch.Generat
     x = x * brightness
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = (x - mean) * contrast + mean
-    gray = x @ torch.tensor([0.299, 0.587, 0.114])
+    gray = x @ LUMA_601
     x = gray[..., None] + (x - gray[..., None]) * saturation
     return x.clamp(0, 255)
 
 
 def augment_grayscale(batch: torch.Tensor, share: float, generator: torch.Generator) -> torch.Tensor:
-    """Each image turned to its luminance (ITU-R 601 weights) in all three channels with probability ``share``: a
+    """Each image turned to its luminance (``LUMA_601``) in all three channels with probability ``share``: a
     lab's hue differs, a figure's chromatin shape does not."""
     x = batch.float()
-    gray = (x @ torch.tensor([0.299, 0.587, 0.114]))[..., None].expand_as(x)
+    gray = (x @ LUMA_601)[..., None].expand_as(x)
     chosen = (torch.rand(len(x), generator=generator) < share)[:, None, None, None]
     return torch.where(chosen, gray, x)
 

@@ -17,6 +17,10 @@ from training.spec import LoraSettings, Mode, ModelSpec, Strict
 Validated = TypeVar("Validated", bound=BaseModel)
 
 
+# the training-time augmentations set by a strength (0 = off), in the order training.augment applies them
+AUGMENT_STRENGTHS = ("stain_jitter", "color_jitter", "grayscale", "shift_scale", "sharpness_jitter")
+
+
 class TrainConfig(Strict):
     name: str = "virchow-lora"
     backbone: str = "virchow"
@@ -116,20 +120,10 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _linear_probe_is_unaugmented(self) -> TrainConfig:
-        augmented = any(
-            (
-                self.augment,
-                self.stain_jitter,
-                self.color_jitter,
-                self.grayscale,
-                self.sharpness_jitter,
-                self.shift_scale,
-            )
-        )
+        augmented = self.augment or any(getattr(self, strength) for strength in AUGMENT_STRENGTHS)
         if self.mode == "linear" and (augmented or self.tta):
             raise ValueError(
-                "mode linear embeds each figure once: set augment and tta false and stain_jitter, color_jitter, "
-                "grayscale, sharpness_jitter, shift_scale 0"
+                f"mode linear embeds each figure once: set augment and tta false and {', '.join(AUGMENT_STRENGTHS)} 0"
             )
         return self
 
